@@ -1,0 +1,105 @@
+"""Which implementation runs a call: "triton", "cpu" or "torch".
+
+* ``triton``: the Triton kernels in ``fused_lora.kernels``; CUDA tensors, and CPU
+  tensors when ``TRITON_INTERPRET=1`` (how the kernels are tested without a GPU).
+* ``cpu``: the C++ extension ``fused_lora._C`` (CPU tensors), when it was built.
+* ``torch``: the pure-PyTorch composite; runs everywhere.
+
+``backend=None`` picks triton on CUDA, cpu on CPU where built, else torch. The
+environment variable ``FUSED_LORA_BACKEND`` overrides ``None``. A backend asked
+for by name that cannot run the call is an error, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+BACKEND_NAMES = ("triton", "cpu", "torch")
+ENV_VAR = "FUSED_LORA_BACKEND"
+
+
+def triton_interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_extension():
+    try:
+        from . import _C  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _C
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    if not _triton_importable():
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and triton_interpret_mode()
+
+
+def _runs_on(name: str, device: torch.device) -> bool:
+    if name == "triton":
+        return _triton_runs_on(device)
+    if name == "cpu":
+        return device.type == "cpu" and _cpu_extension() is not None
+    return True
+
+
+def available_backends() -> list[str]:
+    """Backends that can run on this machine, for some device, in preference order."""
+    names = []
+    if _triton_importable() and (triton_interpret_mode() or torch.cuda.is_available()):
+        names.append("triton")
+    if _cpu_extension() is not None:
+        names.append("cpu")
+    names.append("torch")
+    return names
+
+
+def backend_name_for(device: torch.device, backend: str | None = None) -> str:
+    """The backend that runs a call on ``device``; raises if a named backend cannot."""
+    source = "backend"
+    if backend is None:
+        backend = os.environ.get(ENV_VAR) or None
+        source = f"environment variable {ENV_VAR}"
+    if backend is None:
+        if device.type == "cuda" and _triton_runs_on(device):
+            return "triton"
+        if device.type == "cpu" and _cpu_extension() is not None:
+            return "cpu"
+        return "torch"
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected None or one of {BACKEND_NAMES}, got {type(backend).__name__}")
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"{source}: expected one of {BACKEND_NAMES}, got {backend!r}")
+    if not _runs_on(backend, device):
+        why = {
+            "triton": "it needs triton and a CUDA tensor, or TRITON_INTERPRET=1 for CPU tensors",
+            "cpu": "it needs a CPU tensor and the compiled extension fused_lora._C",
+            "torch": "",
+        }[backend]
+        raise ValueError(f"{source}: backend {backend!r} cannot run on device {device}: {why} "
+                         f"(available here: {available_backends()})")
+    return backend
+
+
+def backend_ops(name: str) -> ModuleType:
+    """The module implementing a backend's operations (imported on first use)."""
+    module = {"triton": "triton_ops", "cpu": "cpu_ops", "torch": "torch_ops"}[name]
+    return importlib.import_module(f"{__package__}.{module}")

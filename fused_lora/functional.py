@@ -1,0 +1,69 @@
+"""Functional API: checks the arguments, picks the backend and the seed, calls the Function."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .backends import backend_name_for
+from .checks import check_dropout_p, check_lora_inputs, check_scaling, check_seed
+from .dropout import draw_seed
+from .function import FusedLoRAFunction
+
+TRITON_MAX_RANK = 256
+_warned_frozen = False
+
+
+def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                      dropout_p: float = 0.0, *, seed: int | None = None, training: bool = True,
+                      backend: str | None = None) -> torch.Tensor:
+    """``y = x W^T + b + scaling * (D(x) A^T) B^T``, fused.
+
+    Args:
+        x: (..., K) input, any leading dims and strides.
+        weight: (N, K) frozen base weight; bias: (N,) or None, frozen. They
+            never receive a gradient.
+        lora_A: (r, K), lora_B: (N, r): the trainable adapters; x's dtype, or
+            fp32 when x is fp16/bf16.
+        scaling: the LoRA scale (lora_alpha / r, or lora_alpha / sqrt(r)).
+        dropout_p: dropout probability on the LoRA branch input, in [0, 1);
+            applied only when ``training`` is True.
+        seed: int in [0, 2**63) fixing the dropout mask (see
+            ``fused_lora.dropout_mask``); None draws one from torch's default
+            CPU generator, and only when dropout is active.
+        backend: None (automatic), "triton", "cpu" or "torch".
+
+    Returns:
+        (..., N) tensor in x's dtype.
+    """
+    check_lora_inputs(x, weight, bias, lora_A, lora_B)
+    scaling = check_scaling(scaling)
+    dropout_p = check_dropout_p(dropout_p)
+    if not isinstance(training, bool):
+        raise TypeError(f"training: expected a bool, got {type(training).__name__}")
+    if seed is not None:
+        seed = check_seed(seed)
+    name = backend_name_for(x.device, backend)
+    if name == "triton" and lora_A.shape[0] > TRITON_MAX_RANK:
+        raise ValueError(f"lora_A: the triton backend supports rank r <= {TRITON_MAX_RANK}, "
+                         f"got r={lora_A.shape[0]}")
+    _warn_if_base_trainable(weight, bias)
+
+    if not training or dropout_p == 0.0:
+        dropout_p, seed = 0.0, 0
+    elif seed is None:
+        seed = draw_seed()
+    return FusedLoRAFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, name)
+
+
+def _warn_if_base_trainable(weight, bias) -> None:
+    global _warned_frozen
+    if _warned_frozen or not torch.is_grad_enabled():
+        return
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        _warned_frozen = True
+        warnings.warn("fused_lora_linear: weight/bias require grad, but fused_lora treats the base "
+                      "layer as frozen and never computes their gradients (they stay None). "
+                      "Call .requires_grad_(False) on them to silence this warning.", stacklevel=3)

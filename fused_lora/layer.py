@@ -1,0 +1,129 @@
+"""``FusedLoRALinear``: a drop-in LoRA linear layer (PEFT's ``lora.Linear`` semantics)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checks import check_dropout_p, check_rank
+from .functional import fused_lora_linear
+
+
+def _check_features(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    return int(value)
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) \
+            or not math.isfinite(float(lora_alpha)):
+        raise ValueError(f"lora_alpha: expected a finite real number, got {lora_alpha!r}")
+    return float(lora_alpha) / (math.sqrt(r) if use_rslora else r)
+
+
+class FusedLoRALinear(nn.Module):
+    """``y = x W^T + b + scaling * lora_B(lora_A(dropout(x)))`` with frozen W, b.
+
+    Attributes: ``weight`` (out, in) and ``bias`` (out,) frozen; ``lora_A``
+    (r, in) and ``lora_B`` (out, r) trainable; ``r``, ``lora_alpha``,
+    ``lora_dropout`` (the probability), ``scaling``, ``merged``; ``backend``
+    (None = automatic, or "triton" / "cpu" / "torch"). Dropout follows
+    ``self.training``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int = 8, lora_alpha: float = 8,
+                 lora_dropout: float = 0.0, bias: bool = True, use_rslora: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = _check_features("in_features", in_features)
+        self.out_features = _check_features("out_features", out_features)
+        self.r = check_rank(r)
+        self.lora_dropout = check_dropout_p(lora_dropout)
+        self.scaling = lora_scaling(self.r, lora_alpha, use_rslora)
+        self.lora_alpha = lora_alpha
+        self.use_rslora = bool(use_rslora)
+        self.merged = False
+        self.backend: str | None = None
+
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.lora_A = nn.Parameter(torch.empty(self.r, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(out_features, self.r, **factory))
+        self._reset_base_parameters()
+        self.reset_lora_parameters()
+
+    def _reset_base_parameters(self) -> None:
+        # nn.Linear's initialisation.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def reset_lora_parameters(self) -> None:
+        """PEFT's default: A kaiming-uniform (a=sqrt(5)), B zeros, so a fresh layer equals the base."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8,
+                    lora_dropout: float = 0.0, use_rslora: bool = False) -> "FusedLoRALinear":
+        """Wrap an ``nn.Linear``: reuses (and freezes) its weight and bias tensors."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected a torch.nn.Linear, got {type(linear).__name__}")
+        layer = cls(linear.in_features, linear.out_features, r=r, lora_alpha=lora_alpha,
+                    lora_dropout=lora_dropout, bias=linear.bias is not None, use_rslora=use_rslora,
+                    device="meta", dtype=linear.weight.dtype)
+        linear.weight.requires_grad_(False)
+        layer.weight = linear.weight
+        if linear.bias is not None:
+            linear.bias.requires_grad_(False)
+            layer.bias = linear.bias
+        factory = {"device": linear.weight.device, "dtype": linear.weight.dtype}
+        layer.lora_A = nn.Parameter(torch.empty(layer.r, linear.in_features, **factory))
+        layer.lora_B = nn.Parameter(torch.empty(linear.out_features, layer.r, **factory))
+        layer.reset_lora_parameters()
+        return layer
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B A`` in fp32 (fp64 for fp64 weights), shape (out, in)."""
+        dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        return (self.lora_B.detach().to(dtype) @ self.lora_A.detach().to(dtype)) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into ``weight`` (computed in fp32, as PEFT does)."""
+        if self.merged:
+            raise RuntimeError("FusedLoRALinear.merge: the adapter is already merged")
+        delta = self.delta_weight()
+        self.weight.copy_((self.weight.to(delta.dtype) + delta).to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the adapter from ``weight`` again (exact up to rounding)."""
+        if not self.merged:
+            raise RuntimeError("FusedLoRALinear.unmerge: the adapter is not merged")
+        delta = self.delta_weight()
+        self.weight.copy_((self.weight.to(delta.dtype) - delta).to(self.weight.dtype))
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        return fused_lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+                                 self.lora_dropout, training=self.training, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
+                f"bias={self.bias is not None}, use_rslora={self.use_rslora}, merged={self.merged}")

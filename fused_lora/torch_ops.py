@@ -1,0 +1,80 @@
+"""The "torch" backend: a pure-PyTorch composite of the fused operations.
+
+Same interface and the same saved state as the Triton and C++ backends (x,
+xa and the seed; never the mask or D(x)), built from ATen GEMMs that
+accumulate into the output with ``addmm_``. The mask comes from the same
+Philox stream (``fused_lora.philox``) and is regenerated in backward. Temporaries
+of shape (T, K) exist only inside one operation.
+
+Operation interface shared by all backends (2-D tensors, checked by the caller):
+
+* ``lora_shrink(x2d, lora_A, seed, dropout_p) -> xa``: ``D(x) A^T``, (T, r) in
+  the accumulation dtype (fp64 for fp64 inputs, else fp32).
+* ``lora_forward(x2d, weight, bias, lora_B, xa, scaling) -> y``: (T, N) in x's dtype.
+* ``lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_p,
+  needs_dx, needs_dA, needs_dB) -> (dx, dA, dB)``, None for what is not needed;
+  ``x2d`` may be None when ``needs_dA`` is False.
+* ``keep_mask(seed, rows, cols, dropout_p, device) -> bool (rows, cols)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .philox import keep_mask_torch
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def keep_mask(seed: int, rows: int, cols: int, dropout_p: float, device) -> torch.Tensor:
+    return keep_mask_torch(seed, rows, cols, dropout_p, device)
+
+
+def _dropped(t: torch.Tensor, seed: int, dropout_p: float) -> torch.Tensor:
+    """D(t): a new tensor with the call's mask and the 1/(1-p) scale applied."""
+    mask = keep_mask_torch(seed, t.shape[0], t.shape[1], dropout_p, t.device)
+    return t * mask * (1.0 / (1.0 - dropout_p))
+
+
+def lora_shrink(x2d, lora_A, seed, dropout_p):
+    lora_input = x2d.to(lora_A.dtype)
+    if dropout_p > 0.0:
+        lora_input = _dropped(lora_input, seed, dropout_p)
+    return torch.mm(lora_input, lora_A.t()).to(accumulation_dtype(x2d.dtype))
+
+
+def lora_forward(x2d, weight, bias, lora_B, xa, scaling):
+    if bias is None:
+        y = torch.mm(x2d, weight.t())
+    else:
+        y = torch.addmm(bias, x2d, weight.t())
+    # NOTE: the expand accumulates into y in place: no (T, N) temporary.
+    y.addmm_(xa.to(y.dtype), lora_B.t().to(y.dtype), alpha=scaling)
+    return y
+
+
+def lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_p,
+                  needs_dx, needs_dA, needs_dB):
+    lora_dtype = lora_A.dtype
+    dy_lora = dy.to(lora_dtype)
+    dx = dA = dB = None
+    if needs_dB:
+        dB = torch.mm(dy_lora.t(), xa.to(lora_dtype)).mul_(scaling).to(lora_B.dtype)
+    if needs_dx or needs_dA:
+        dxa = torch.mm(dy_lora, lora_B)  # (T, r)
+        if needs_dA:
+            lora_input = x2d.to(lora_dtype)
+            if dropout_p > 0.0:
+                lora_input = _dropped(lora_input, seed, dropout_p)
+            dA = torch.mm(dxa.t(), lora_input).mul_(scaling).to(lora_A.dtype)
+        if needs_dx:
+            dx = torch.mm(dy, weight)
+            if dropout_p > 0.0:
+                # The mask sits between the expand and the sum, so the LoRA
+                # part needs its own (T, K) temporary here.
+                dx += _dropped(torch.mm(dxa, lora_A), seed, dropout_p).mul_(scaling).to(dx.dtype)
+            else:
+                dx.addmm_(dxa.to(dx.dtype), lora_A.to(dx.dtype), alpha=scaling)
+    return dx, dA, dB

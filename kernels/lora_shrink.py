@@ -1,0 +1,57 @@
+"""Forward step 1: xa = D(x) A^T, the dropout-fused shrink (DESIGN.md, kernel plan 1)."""
+
+import triton
+import triton.language as tl
+
+from .common import _scalar
+from .dropout_mask import _keep_tile
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    # pointers
+    x_ptr,   # (T, K) input, any strides
+    a_ptr,   # (R, K) lora_A
+    xa_ptr,  # (T, R) output, fp32 (fp64 for fp64 x)
+    # sizes
+    T, K, R,
+    # strides
+    stride_xm, stride_xk,
+    stride_ar, stride_ak,
+    stride_xam, stride_xar,
+    # dropout: seed, 16-bit threshold, 1/(1-p) as fp32 hi + lo
+    seed, threshold, dropout_scale_hi, dropout_scale_lo,
+    # meta-parameters
+    HAS_DROPOUT: tl.constexpr, K_ALIGNED: tl.constexpr, IS_FP64: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """One program: BLOCK_M rows of xa. Reads x once; the mask lives in registers only.
+
+    BLOCK_R >= 16 pads the rank for tl.dot (masked loads, r itself is any value).
+    """
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < T
+    mask_r = offs_r < R
+    dot_dtype = x_ptr.dtype.element_ty
+    if IS_FP64:
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    dropout_scale = _scalar(dropout_scale_hi, dropout_scale_lo, IS_FP64)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    for k_start in range(0, K, BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = _keep_tile(seed, threshold, offs_m, k_start, K, BLOCK_M, BLOCK_K, K_ALIGNED)
+            x = tl.where(keep, x * dropout_scale, 0.0).to(dot_dtype)
+        # lora_A^T tile (BLOCK_K, BLOCK_R), cast to x's dtype for the tensor-core dot.
+        a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                    mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(dot_dtype)
+        acc = tl.dot(x, a, acc, input_precision=INPUT_PRECISION)
+    xa_ptrs = xa_ptr + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :] * stride_xar
+    tl.store(xa_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])

@@ -1,0 +1,140 @@
+"""FusedLoRALinear: PEFT semantics, from_linear, merge/unmerge, parity with the real PEFT layer."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fused_lora import FusedLoRALinear, dropout_mask, lora_linear_reference
+
+from conftest import assert_close
+
+
+def test_attributes_and_initialisation():
+    layer = FusedLoRALinear(20, 12, r=4, lora_alpha=8, lora_dropout=0.1)
+    assert (layer.r, layer.lora_alpha, layer.lora_dropout, layer.scaling, layer.merged) == (4, 8, 0.1, 2.0, False)
+    assert layer.weight.shape == (12, 20) and layer.bias.shape == (12,)
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    assert isinstance(layer.lora_A, nn.Parameter) and layer.lora_A.requires_grad and layer.lora_A.shape == (4, 20)
+    assert isinstance(layer.lora_B, nn.Parameter) and layer.lora_B.requires_grad and layer.lora_B.shape == (12, 4)
+    assert torch.equal(layer.lora_B, torch.zeros(12, 4))
+    # kaiming_uniform(a=sqrt(5)) on (r, in): bound = 1 / sqrt(in).
+    assert layer.lora_A.abs().max() <= 1 / math.sqrt(20) and layer.lora_A.abs().max() > 0
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
+    assert FusedLoRALinear(20, 12, r=4, lora_alpha=8, use_rslora=True).scaling == 4.0
+    assert FusedLoRALinear(20, 12, bias=False).bias is None
+
+
+def test_dtype_and_device_arguments():
+    layer = FusedLoRALinear(8, 4, r=2, dtype=torch.float64, device="cpu")
+    assert {p.dtype for p in layer.parameters()} == {torch.float64}
+    assert layer(torch.randn(3, 8, dtype=torch.float64)).dtype == torch.float64
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_linear_computes_what_the_linear_did(bias, device_backend):
+    device, backend = device_backend
+    linear = nn.Linear(24, 10, bias=bias, device=device)
+    layer = FusedLoRALinear.from_linear(linear, r=4, lora_alpha=16, lora_dropout=0.2)
+    layer.backend = backend
+    assert layer.weight is linear.weight and not linear.weight.requires_grad
+    assert (layer.bias is linear.bias) if bias else layer.bias is None
+    x = torch.randn(2, 7, 24, device=device)
+    layer.eval()
+    assert_close("y", layer(x), linear(x), atol=1e-5, rtol=1e-5)
+    layer.train()  # B is zero, so dropout on the LoRA branch changes nothing either
+    assert_close("y", layer(x), linear(x), atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_follows_training_flag(device_backend):
+    device, backend = device_backend
+    layer = FusedLoRALinear(16, 8, r=4, lora_dropout=0.5, device=device)
+    layer.backend = backend
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(10, 16, device=device)
+    expected_eval = lora_linear_reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
+    layer.eval()
+    assert_close("eval y", layer(x), expected_eval, atol=1e-5, rtol=1e-5)
+    layer.train()
+    torch.manual_seed(0)
+    y_train = layer(x)
+    assert not torch.allclose(y_train, expected_eval, atol=1e-3)
+
+
+def test_merge_unmerge_round_trip():
+    layer = FusedLoRALinear(32, 16, r=4, lora_alpha=8)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 32)
+    layer.eval()
+    before = layer(x)
+    original = layer.weight.detach().clone()
+    layer.merge()
+    assert layer.merged
+    assert_close("merged y", layer(x), before, atol=1e-5, rtol=1e-5)
+    expected_weight = original + layer.scaling * layer.lora_B.detach() @ layer.lora_A.detach()
+    assert_close("merged weight", layer.weight, expected_weight, atol=1e-6, rtol=1e-6)
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+    layer.unmerge()
+    assert not layer.merged
+    assert_close("unmerged weight", layer.weight, original, atol=1e-6, rtol=1e-6)
+    assert_close("unmerged y", layer(x), before, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="not merged"):
+        layer.unmerge()
+
+
+def _peft_linear(base, r, lora_alpha, lora_dropout, use_rslora):
+    peft = pytest.importorskip("peft")
+    from peft.tuners.lora import Linear as PeftLoraLinear
+
+    config = peft.LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
+    return PeftLoraLinear(base, "default", config=config, r=r, lora_alpha=lora_alpha)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_parity_with_peft_lora_linear(device_backend, use_rslora, bias):
+    device, backend = device_backend
+    torch.manual_seed(0)
+    base = nn.Linear(40, 24, bias=bias, device=device)
+    peft_layer = _peft_linear(base, r=8, lora_alpha=16, lora_dropout=0.0, use_rslora=use_rslora)
+    nn.init.normal_(peft_layer.lora_B["default"].weight)
+    ours = FusedLoRALinear(40, 24, r=8, lora_alpha=16, use_rslora=use_rslora, bias=bias, device=device)
+    ours.backend = backend
+    with torch.no_grad():
+        ours.weight.copy_(base.weight)
+        if bias:
+            ours.bias.copy_(base.bias)
+        ours.lora_A.copy_(peft_layer.lora_A["default"].weight)
+        ours.lora_B.copy_(peft_layer.lora_B["default"].weight)
+    assert ours.scaling == peft_layer.scaling["default"]
+
+    x = torch.randn(3, 9, 40, device=device)
+    dy = torch.randn(3, 9, 24, device=device)
+    results = []
+    for layer, a, b in ((peft_layer, peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight),
+                        (ours, ours.lora_A, ours.lora_B)):
+        x_ = x.clone().requires_grad_(True)
+        y = layer(x_)
+        results.append((y.detach(),) + torch.autograd.grad(y, (x_, a, b), dy))
+    for name, a, e in zip(("y", "dx", "dA", "dB"), results[1], results[0]):
+        assert_close(name, a, e, atol=1e-5, rtol=1e-4)
+    assert base.weight.grad is None
+
+
+def test_dropout_matches_reference_with_the_public_mask(device_backend):
+    device, backend = device_backend
+    layer = FusedLoRALinear(24, 16, r=4, lora_dropout=0.3, device=device)
+    layer.backend = backend
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 5, 24, device=device)
+    torch.manual_seed(123)
+    y = layer(x)
+    # The seed a call uses is the next draw from the default CPU generator.
+    torch.manual_seed(123)
+    seed = int(torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64).item())
+    mask = dropout_mask(seed, 10, 24, 0.3)
+    expected = lora_linear_reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling,
+                                     keep_mask=mask, dropout_p=0.3)
+    assert_close("y", y, expected, atol=1e-5, rtol=1e-5)

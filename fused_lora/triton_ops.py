@@ -37,10 +37,11 @@ def _block_r(r: int) -> int:
 
 
 def _input_precision(dtype: torch.dtype) -> str:
-    # fp32 GEMMs follow PyTorch's own TF32 switch (off by default), like torch.mm.
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    # fp32 GEMMs follow PyTorch's own TF32 switch (off by default), like torch.mm;
+    # fp64 is always exact; fp16/bf16 keep Triton's default (the flag only affects fp32).
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "ieee" if dtype == torch.float64 else "tf32"
 
 
 def _dropout_args(seed: int, dropout_p: float, in_features: int) -> dict:

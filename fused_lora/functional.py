@@ -49,6 +49,10 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if name == "triton" and lora_A.shape[0] > TRITON_MAX_RANK:
         raise ValueError(f"lora_A: the triton backend supports rank r <= {TRITON_MAX_RANK}, "
                          f"got r={lora_A.shape[0]}")
+    if name == "triton" and x.device.type == "cpu" and x.dtype == torch.bfloat16:
+        # NOTE: Triton's interpreter computes bf16 silently wrong; refuse rather than return garbage.
+        raise ValueError("x: bfloat16 on CPU is not supported by the triton backend (Triton's interpreter "
+                         "computes bf16 wrongly); use backend='torch' or CUDA tensors")
     _warn_if_base_trainable(weight, bias)
 
     if not training or dropout_p == 0.0:

@@ -81,6 +81,14 @@ def test_bad_mask_shape_and_backend():
         fused_lora_linear(*good().values(), training=1)
 
 
+def test_triton_interpreter_refuses_bf16():
+    args = good(x=torch.randn(4, 8, dtype=torch.bfloat16), weight=torch.randn(6, 8, dtype=torch.bfloat16),
+                bias=None, lora_A=torch.randn(2, 8), lora_B=torch.randn(6, 2))
+    with pytest.raises(ValueError, match="x: bfloat16"):
+        fused_lora_linear(*args.values(), backend="triton")
+    assert fused_lora_linear(*args.values(), backend="torch").dtype == torch.bfloat16
+
+
 def test_triton_rank_limit():
     args = good(lora_A=torch.randn(257, 8), lora_B=torch.randn(6, 257))
     with pytest.raises(ValueError, match="lora_A"):

@@ -84,7 +84,7 @@ def test_bad_mask_shape_and_backend():
 def test_triton_interpreter_refuses_bf16():
     args = good(x=torch.randn(4, 8, dtype=torch.bfloat16), weight=torch.randn(6, 8, dtype=torch.bfloat16),
                 bias=None, lora_A=torch.randn(2, 8), lora_B=torch.randn(6, 2))
-    with pytest.raises(ValueError, match="x: bfloat16"):
+    with pytest.raises(ValueError, match="x: bfloat16|TRITON_INTERPRET"):  # the latter on GPU machines
         fused_lora_linear(*args.values(), backend="triton")
     assert fused_lora_linear(*args.values(), backend="torch").dtype == torch.bfloat16
 

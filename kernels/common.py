@@ -39,6 +39,6 @@ def _scalar(hi, lo, IS_FP64: tl.constexpr):
     the scaling and the dropout scale to ~1e-15, so the launcher splits them.
     """
     if IS_FP64:
-        return tl.to_tensor(hi).to(tl.float64) + tl.to_tensor(lo).to(tl.float64)
+        return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
     else:
         return hi

@@ -55,13 +55,13 @@ def _lora_bwd_dy_kernel(
         if NEEDS_DXA:
             b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
                         mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(dot_dtype)
-            dxa = tl.dot(dy, b, dxa, input_precision=INPUT_PRECISION)
+            dxa = tl.dot(dy, b, dxa, input_precision=INPUT_PRECISION, out_dtype=dxa.dtype)
         if NEEDS_DB:
             if IS_FP64:
                 part = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float64)
             else:
                 part = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-            part = tl.dot(tl.trans(dy), xa, part, input_precision=INPUT_PRECISION)
+            part = tl.dot(tl.trans(dy), xa, part, input_precision=INPUT_PRECISION, out_dtype=part.dtype)
             p_ptrs = (db_partial_ptr + pid_m.to(tl.int64) * stride_pb
                       + offs_n[:, None] * stride_pn + offs_r[None, :] * stride_pr)
             tl.store(p_ptrs, part, mask=mask_n[:, None] & mask_r[None, :])
@@ -129,7 +129,8 @@ def _lora_bwd_dx_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     scaling = _scalar(scaling_hi, scaling_lo, IS_FP64)
-    acc = tl.dot((dxa * scaling).to(dot_dtype), a.to(dot_dtype), acc, input_precision=INPUT_PRECISION)
+    acc = tl.dot((dxa * scaling).to(dot_dtype), a.to(dot_dtype), acc,
+        input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
     if HAS_DROPOUT:
         keep = _keep_tile(seed, threshold, offs_m, k_start, K, BLOCK_M, BLOCK_K, K_ALIGNED)
         acc = tl.where(keep, acc * _scalar(dropout_scale_hi, dropout_scale_lo, IS_FP64), 0.0)
@@ -142,7 +143,7 @@ def _lora_bwd_dx_kernel(
         dy = tl.load(dy_rows + offs_n[None, :] * stride_dyn, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         w = tl.load(w_cols + offs_n.to(tl.int64)[:, None] * stride_wn, mask=mask_n[:, None] & mask_k[None, :],
                     other=0.0)
-        acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(dy, w, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
 
     dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
@@ -193,7 +194,7 @@ def _lora_bwd_da_kernel(
             x = tl.where(keep, x * dropout_scale, 0.0).to(dot_dtype)
         dxa_t = tl.load(dxa_ptr + offs_m.to(tl.int64)[None, :] * stride_dxam + offs_r[:, None] * stride_dxar,
                         mask=mask_r[:, None] & mask_m[None, :], other=0.0).to(dot_dtype)
-        acc = tl.dot(dxa_t, x, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(dxa_t, x, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
     p_ptrs = (da_partial_ptr + pid_s.to(tl.int64) * stride_ps
               + offs_r[:, None] * stride_pr + offs_k[None, :] * stride_pk)
     tl.store(p_ptrs, acc, mask=mask_r[:, None] & mask_k[None, :])

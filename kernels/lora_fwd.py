@@ -64,7 +64,8 @@ def _lora_fwd_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = tl.dot((xa * scaling).to(dot_dtype), b_t.to(dot_dtype), acc, input_precision=INPUT_PRECISION)
+    acc = tl.dot((xa * scaling).to(dot_dtype), b_t.to(dot_dtype), acc,
+        input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
 
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
@@ -73,7 +74,7 @@ def _lora_fwd_kernel(
         mask_k = offs_k < K
         x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w_t = tl.load(w_cols + offs_k[:, None] * stride_wk, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(x, w_t, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(x, w_t, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)

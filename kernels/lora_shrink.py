@@ -52,6 +52,6 @@ def _lora_shrink_kernel(
         # lora_A^T tile (BLOCK_K, BLOCK_R), cast to x's dtype for the tensor-core dot.
         a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                     mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(dot_dtype)
-        acc = tl.dot(x, a, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(x, a, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
     xa_ptrs = xa_ptr + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :] * stride_xar
     tl.store(xa_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])

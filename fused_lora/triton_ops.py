@@ -12,6 +12,7 @@ import functools
 import torch
 import triton
 
+from .kernels.common import lowrank_blocks
 from .kernels.dropout_mask import _dropout_mask_kernel
 from .kernels.lora_bwd import _lora_bwd_da_kernel, _lora_bwd_dx_kernel, _lora_bwd_dy_kernel
 from .kernels.lora_fwd import _lora_fwd_kernel
@@ -19,21 +20,12 @@ from .kernels.lora_shrink import _lora_shrink_kernel
 from .philox import dropout_threshold
 from .torch_ops import accumulation_dtype
 
-# Row-block sizes of the non-autotuned kernels (shrink, dy pass, dA).
-SHRINK_BLOCK_M, SHRINK_BLOCK_K = 64, 64
-DY_BLOCK_M, DY_BLOCK_N = 64, 64
-DA_BLOCK_M, DA_BLOCK_K = 64, 64
 
 
 def _split_float(value: float) -> tuple[float, float]:
     """value = hi + lo with hi, lo representable in fp32 (Triton passes floats as fp32)."""
     hi = float(torch.tensor(value, dtype=torch.float32))
     return hi, float(torch.tensor(value - hi, dtype=torch.float32))
-
-
-def _block_r(r: int) -> int:
-    # NOTE: tl.dot needs every dimension >= 16; the rank is padded with masked loads.
-    return max(16, triton.next_power_of_2(r))
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -90,14 +82,15 @@ def lora_shrink(x2d, lora_A, seed, dropout_p):
     T, K = x2d.shape
     R = lora_A.shape[0]
     xa = torch.empty((T, R), dtype=accumulation_dtype(x2d.dtype), device=x2d.device)
-    grid = (triton.cdiv(T, SHRINK_BLOCK_M),)
+    block_r, block = lowrank_blocks(R, x2d.element_size())
+    grid = (triton.cdiv(T, block),)
     with _with_device(x2d.device):
         _lora_shrink_kernel[grid](
             x2d, lora_A, xa, T, K, R,
             x2d.stride(0), x2d.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0), xa.stride(1),
             **_dropout_args(seed, dropout_p, K),
             IS_FP64=x2d.dtype == torch.float64, INPUT_PRECISION=_input_precision(x2d.dtype),
-            BLOCK_M=SHRINK_BLOCK_M, BLOCK_K=SHRINK_BLOCK_K, BLOCK_R=_block_r(R),
+            BLOCK_M=block, BLOCK_K=block, BLOCK_R=block_r,
         )
     return xa
 
@@ -119,7 +112,7 @@ def lora_forward(x2d, weight, bias, lora_B, xa, scaling):
             lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
             scaling_hi, scaling_lo,
             HAS_BIAS=bias is not None, IS_FP64=x2d.dtype == torch.float64,
-            INPUT_PRECISION=_input_precision(x2d.dtype), BLOCK_R=_block_r(R),
+            INPUT_PRECISION=_input_precision(x2d.dtype), BLOCK_R=lowrank_blocks(R, x2d.element_size())[0],
         )
     return y
 
@@ -132,7 +125,7 @@ def lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_p,
     acc_dtype = accumulation_dtype(dtype)
     is_fp64 = dtype == torch.float64
     precision = _input_precision(dtype)
-    block_r = _block_r(R)
+    block_r, block = lowrank_blocks(R, dy.element_size())
     scaling_hi, scaling_lo = _split_float(scaling)
     needs_dxa = needs_dx or needs_dA
     dx = dA = dB = None
@@ -140,7 +133,7 @@ def lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_p,
     with _with_device(device):
         # Step 3: one read of dy for dxa = dy B and the dB partials.
         dxa = torch.empty((T, R), dtype=acc_dtype, device=device) if needs_dxa else xa
-        num_row_blocks = triton.cdiv(T, DY_BLOCK_M)
+        num_row_blocks = triton.cdiv(T, block)
         db_partial = (torch.empty((num_row_blocks, N, R), dtype=acc_dtype, device=device)
                       if needs_dB else xa.new_empty((1, 1, 1)))
         _lora_bwd_dy_kernel[(num_row_blocks,)](
@@ -148,7 +141,7 @@ def lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_p,
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), xa.stride(0), xa.stride(1),
             dxa.stride(0), dxa.stride(1), db_partial.stride(0), db_partial.stride(1), db_partial.stride(2),
             NEEDS_DXA=needs_dxa, NEEDS_DB=needs_dB, IS_FP64=is_fp64, INPUT_PRECISION=precision,
-            BLOCK_M=DY_BLOCK_M, BLOCK_N=DY_BLOCK_N, BLOCK_R=block_r,
+            BLOCK_M=block, BLOCK_N=block, BLOCK_R=block_r,
         )
         if needs_dB:
             # NOTE: second, deterministic stage of the reduction over T (no atomics).
@@ -172,10 +165,10 @@ def lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_p,
 
         if needs_dA:
             # Step 5: dA = scaling * dxa^T D(x), split over T for parallelism.
-            num_k_blocks = triton.cdiv(K, DA_BLOCK_K)
-            row_blocks = triton.cdiv(T, DA_BLOCK_M)
+            num_k_blocks = triton.cdiv(K, block)
+            row_blocks = triton.cdiv(T, block)
             splits = max(1, min(row_blocks, _target_programs(device) // num_k_blocks))
-            rows_per_split = triton.cdiv(row_blocks, splits) * DA_BLOCK_M
+            rows_per_split = triton.cdiv(row_blocks, splits) * block
             splits = triton.cdiv(T, rows_per_split)
             da_partial = torch.empty((splits, R, K), dtype=acc_dtype, device=device)
             _lora_bwd_da_kernel[(num_k_blocks, splits)](
@@ -183,7 +176,7 @@ def lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_p,
                 dxa.stride(0), dxa.stride(1), x2d.stride(0), x2d.stride(1),
                 da_partial.stride(0), da_partial.stride(1), da_partial.stride(2),
                 **dropout, IS_FP64=is_fp64, INPUT_PRECISION=precision,
-                BLOCK_M=DA_BLOCK_M, BLOCK_K=DA_BLOCK_K, BLOCK_R=block_r,
+                BLOCK_M=block, BLOCK_K=block, BLOCK_R=block_r,
             )
             dA = da_partial.sum(dim=0).mul_(scaling).to(lora_A.dtype)
     return dx, dA, dB

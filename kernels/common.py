@@ -19,6 +19,52 @@ def gemm_configs(gpu_configs, interpreter_config):
     return [interpreter_config] if interpreting() else gpu_configs
 
 
+def lowrank_blocks(rank, element_size):
+    """(BLOCK_R, BLOCK) for the kernels whose accumulators are rank-sized (shrink, dy pass, dA).
+
+    BLOCK_R pads the rank to a power of two >= 16 (tl.dot's minimum). BLOCK is
+    their row and column tile: 64, or 32 for ranks above 64 and fp64 inputs,
+    so that the (BLOCK, BLOCK_R) accumulators stay in registers.
+    """
+    block_r = max(16, triton.next_power_of_2(rank))
+    return block_r, (64 if block_r <= 64 and element_size <= 4 else 32)
+
+
+def fitting_configs(configs, element_size, block_r, limit, tile_dims, reduction_block):
+    """Configs whose operand tiles fit ``limit`` bytes of shared memory (at least one is returned).
+
+    Footprint, conservatively: every pipeline stage holds both operand tiles
+    (reduction_block x each of tile_dims), plus the rank tiles of the low-rank
+    dot (block_r x each of tile_dims), all in the input's element size.
+    """
+
+    def footprint(config):
+        blocks = config.kwargs
+        rows = config.num_stages * blocks[reduction_block] + block_r
+        return rows * sum(blocks[d] for d in tile_dims) * element_size
+
+    return [c for c in configs if footprint(c) <= limit] or [min(configs, key=footprint)]
+
+
+def shared_memory_pruner(pointer_arg, tile_dims, reduction_block):
+    """An ``early_config_prune`` keeping the configs that fit the device's shared memory.
+
+    NOTE: the configs are sized for 2-byte types and small ranks; fp32, fp64 and
+    ranks near 256 would otherwise try tiles that cannot fit (seen when
+    compiling for sm_90: fp64 at 128x256x64 needs 384 KiB, fp32 at r=256 256 KiB).
+    """
+
+    def prune(configs, named_args, **kwargs):
+        if len(configs) <= 1 or interpreting():
+            return configs
+        tensor = named_args[pointer_arg]
+        properties = triton.runtime.driver.active.utils.get_device_properties(tensor.device.index or 0)
+        return fitting_configs(configs, tensor.element_size(), kwargs["BLOCK_R"], properties["max_shared_mem"],
+                               tile_dims, reduction_block)
+
+    return prune
+
+
 @triton.jit
 def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     """Map a linear program id to (pid_m, pid_n), GROUP_M row tiles at a time (L2 reuse)."""

@@ -8,7 +8,7 @@ results are bit-identical run to run (no atomics).
 import triton
 import triton.language as tl
 
-from .common import _grouped_tile, _scalar, gemm_configs
+from .common import _grouped_tile, _scalar, gemm_configs, shared_memory_pruner
 from .dropout_mask import _keep_tile
 
 
@@ -83,7 +83,12 @@ def _dx_configs():
     )
 
 
-@triton.autotune(configs=_dx_configs(), key=["T", "N", "K", "R", "HAS_DROPOUT", "IS_FP64"])
+# Operand tiles per pipeline stage: dy (BLOCK_M, BLOCK_N) and W (BLOCK_N, BLOCK_K).
+DX_TILES = (("BLOCK_M", "BLOCK_K"), "BLOCK_N")
+
+
+@triton.autotune(configs=_dx_configs(), key=["T", "N", "K", "R", "HAS_DROPOUT", "IS_FP64"],
+                 prune_configs_by={"early_config_prune": shared_memory_pruner("dy_ptr", *DX_TILES)})
 @triton.jit
 def _lora_bwd_dx_kernel(
     # pointers

@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from .common import _grouped_tile, _scalar, gemm_configs
+from .common import _grouped_tile, _scalar, gemm_configs, shared_memory_pruner
 
 
 def _fwd_configs():
@@ -19,7 +19,12 @@ def _fwd_configs():
     )
 
 
-@triton.autotune(configs=_fwd_configs(), key=["T", "N", "K", "R", "IS_FP64"])
+# Operand tiles per pipeline stage: x (BLOCK_M, BLOCK_K) and W^T (BLOCK_K, BLOCK_N).
+FWD_TILES = (("BLOCK_M", "BLOCK_N"), "BLOCK_K")
+
+
+@triton.autotune(configs=_fwd_configs(), key=["T", "N", "K", "R", "IS_FP64"],
+                 prune_configs_by={"early_config_prune": shared_memory_pruner("x_ptr", *FWD_TILES)})
 @triton.jit
 def _lora_fwd_kernel(
     # pointers

@@ -35,7 +35,9 @@ def main():
     x = torch.randn(args.tokens, args.in_features, requires_grad=True)
     ours = FusedLoRALinear(args.in_features, args.out_features, r=args.r, lora_alpha=args.r, lora_dropout=args.p)
     ours.backend = args.backend
-    peft_lora = peft_layer(nn.Linear(args.in_features, args.out_features), args.r, args.r, args.p)
+    # Frozen base, as get_peft_model leaves it.
+    peft_lora = peft_layer(nn.Linear(args.in_features, args.out_features).requires_grad_(False), args.r, args.r,
+                           args.p)
     x_bytes = x.numel() * x.element_size()
     print(f"x {tuple(x.shape)} fp32 = {x_bytes} bytes; r={args.r}, p={args.p}")
     for name, layer in (("fused_lora", ours), ("peft", peft_lora)):

@@ -32,9 +32,10 @@ def keep_mask(seed: int, rows: int, cols: int, dropout_p: float, device) -> torc
     return keep_mask_torch(seed, rows, cols, dropout_p, device)
 
 
-def _dropped(t: torch.Tensor, seed: int, dropout_p: float) -> torch.Tensor:
+def _dropped(t: torch.Tensor, seed: int, dropout_p: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """D(t): a new tensor with the call's mask and the 1/(1-p) scale applied."""
-    mask = keep_mask_torch(seed, t.shape[0], t.shape[1], dropout_p, t.device)
+    if mask is None:
+        mask = keep_mask_torch(seed, t.shape[0], t.shape[1], dropout_p, t.device)
     return t * mask * (1.0 / (1.0 - dropout_p))
 
 
@@ -64,17 +65,21 @@ def lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_p,
         dB = torch.mm(dy_lora.t(), xa.to(lora_dtype)).mul_(scaling).to(lora_B.dtype)
     if needs_dx or needs_dA:
         dxa = torch.mm(dy_lora, lora_B)  # (T, r)
+        mask = None
+        if dropout_p > 0.0 and needs_dx and needs_dA:
+            # NOTE: Philox in PyTorch ops is slow; dx and dA share one regeneration.
+            mask = keep_mask_torch(seed, dy.shape[0], lora_A.shape[1], dropout_p, dy.device)
         if needs_dA:
             lora_input = x2d.to(lora_dtype)
             if dropout_p > 0.0:
-                lora_input = _dropped(lora_input, seed, dropout_p)
+                lora_input = _dropped(lora_input, seed, dropout_p, mask)
             dA = torch.mm(dxa.t(), lora_input).mul_(scaling).to(lora_A.dtype)
         if needs_dx:
             dx = torch.mm(dy, weight)
             if dropout_p > 0.0:
                 # The mask sits between the expand and the sum, so the LoRA
                 # part needs its own (T, K) temporary here.
-                dx += _dropped(torch.mm(dxa, lora_A), seed, dropout_p).mul_(scaling).to(dx.dtype)
+                dx += _dropped(torch.mm(dxa, lora_A), seed, dropout_p, mask).mul_(scaling).to(dx.dtype)
             else:
                 dx.addmm_(dxa.to(dx.dtype), lora_A.to(dx.dtype), alpha=scaling)
     return dx, dA, dB

@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-installed
+BENCH_DEPS := $(VENV)/.bench-deps-installed
 
 .PHONY: test install bench clean
 
@@ -18,6 +19,15 @@ install: $(DEPS)
 
 test: install
 	$(PY) -m pytest -q tests
+
+$(BENCH_DEPS): $(DEPS) requirements-bench.txt
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	touch $(BENCH_DEPS)
+
+# The default sweep on the best device present (CUDA if available, else CPU);
+# results in bench/results/. More options: $(PY) -m bench --help
+bench: install $(BENCH_DEPS)
+	$(PY) -m bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""fused_lora's benchmark harness: ``python -m bench --help`` (``make bench`` runs the default sweep)."""

@@ -1,0 +1,133 @@
+"""python -m bench: LoRA linear fwd / bwd / fwd+bwd against PEFT, torch.compile and the frozen-linear limit.
+
+Every row is timed in the same run as a frozen nn.Linear on the same inputs,
+so every figure is also a ratio to the limit. Writes
+bench/results/<device>-<date>.{csv,json,png} (and -e2e.csv) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import sys
+
+import torch
+
+from . import e2e, report
+from .providers import PROVIDERS
+from .sweep import Case, run_case
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# (K, N, T) defaults. CPU: scaled down to finish in about 5 minutes on 2 cores.
+CPU_CASES = [(1024, 1024, 1024), (1024, 1024, 4096), (2048, 2048, 1024), (2048, 2048, 4096), (2048, 5632, 1024)]
+CPU_QUICK_CASES = [(1024, 1024, 1024)]
+GPU_SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # Llama-3-8B projections
+GPU_TOKENS = [2048, 8192, 16384]
+
+
+def _ints(text):
+    return [int(v) for v in text.split(",") if v]
+
+
+def _floats(text):
+    return [float(v) for v in text.split(",") if v]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    parser.add_argument("--shapes", help="comma-separated KxN, e.g. 4096x4096,4096x14336")
+    parser.add_argument("--tokens", help="comma-separated T (rows of x)")
+    parser.add_argument("--ranks", help="comma-separated r (default: 16 on CPU, 16,64 on GPU)")
+    parser.add_argument("--dropout", help="comma-separated p (default 0,0.1)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default fp32 on CPU, bf16 on GPU")
+    parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {PROVIDERS}")
+    parser.add_argument("--repeats", type=int, help="timed repeats per case on CPU (default 5; GPU uses do_bench)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--quick", action="store_true", help="one small case, 3 repeats, a tiny end-to-end model")
+    parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end Llama row")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument("--out-dir", default=os.environ.get("OUT") or RESULTS_DIR)
+    parser.add_argument("--name", help="file stem (default <device>-<date>)")
+    return parser.parse_args(argv)
+
+
+def cases_from(args, device) -> list[Case]:
+    gpu = device.type == "cuda"
+    dtype = args.dtype or ("bf16" if gpu else "fp32")
+    ranks = _ints(args.ranks) if args.ranks else ([16, 64] if gpu else [16])
+    dropouts = _floats(args.dropout) if args.dropout else [0.0, 0.1]
+    if args.shapes or args.tokens:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else \
+            ([(4096, 4096)] if gpu else [(1024, 1024)])
+        tokens = _ints(args.tokens) if args.tokens else ([8192] if gpu else [1024])
+        kn_t = [(K, N, T) for K, N in shapes for T in tokens]
+    elif gpu:
+        kn_t = [(K, N, T) for K, N in GPU_SHAPES for T in ([2048] if args.quick else GPU_TOKENS)]
+    else:
+        kn_t = CPU_QUICK_CASES if args.quick else CPU_CASES
+    return [Case(K, N, T, r, p, dtype) for K, N, T in kn_t for r in ranks for p in dropouts]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    providers = [p for p in args.providers.split(",") if p]
+    unknown = sorted(set(providers) - set(PROVIDERS))
+    if unknown:
+        raise SystemExit(f"--providers: unknown {unknown}; expected a subset of {PROVIDERS}")
+    repeats = args.repeats or (3 if args.quick else 5)
+    cases = cases_from(args, device)
+    meta = report.metadata(device)
+    stem = args.name or f"{device.type}-{datetime.date.today().isoformat()}"
+    os.makedirs(args.out_dir, exist_ok=True)
+    print(f"fused_lora benchmark on {meta['device_name']} ({meta['threads']} threads), torch {meta['torch']}, "
+          f"triton {meta['triton']}, peft {meta['peft']}, commit {meta['git_commit']}", flush=True)
+
+    from tqdm import tqdm
+
+    csv_path = os.path.join(args.out_dir, f"{stem}.csv")
+    csv_writer = report.CsvWriter(csv_path, meta)
+    rows = []
+    for case in tqdm(cases, desc="cases", unit="case", file=sys.stderr):
+        case_rows = run_case(case, providers, device, repeats)
+        csv_writer.append(case_rows)
+        rows += case_rows
+    print(report.format_table(rows))
+
+    e2e_rows = []
+    if not args.no_e2e:
+        size = "cuda" if device.type == "cuda" else ("cpu-quick" if args.quick else "cpu")
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        for p in (0.0, 0.1):
+            e2e_rows += e2e.run(device, size, r=16, p=p, dtype=dtype, repeats=repeats)
+        print()
+        print(e2e.format_rows(e2e_rows))
+
+    written = [csv_path]
+    if e2e_rows:
+        e2e_path = os.path.join(args.out_dir, f"{stem}-e2e.csv")
+        with open(e2e_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(e2e_rows[0]))
+            writer.writeheader()
+            writer.writerows(e2e_rows)
+        written.append(e2e_path)
+    json_path = os.path.join(args.out_dir, f"{stem}.json")
+    report.write_json(json_path, meta, {"command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
+                                        "cases": len(cases), "providers": providers, "repeats": repeats,
+                                        "end_to_end": e2e_rows})
+    written.append(json_path)
+    if not args.no_plot:
+        from .plot import plot
+
+        png_path = os.path.join(args.out_dir, f"{stem}.png")
+        plot(csv_path, png_path)
+        written.append(png_path)
+    print("\nwrote " + ", ".join(os.path.relpath(p) for p in written))
+    return 0

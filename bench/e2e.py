@@ -1,0 +1,119 @@
+"""End-to-end row: a small transformers LlamaForCausalLM (random init, no downloads) with
+LoRA on every q/k/v/o/gate/up/down projection, fused_lora against PEFT, same r, alpha, dropout."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from fused_lora.saved_tensors import saved_tensor_bytes
+
+from . import timing
+
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# (hidden, intermediate, layers, heads, vocab, batch, sequence)
+SIZES = {
+    "cpu": (256, 688, 2, 4, 2048, 4, 256),
+    "cpu-quick": (128, 344, 1, 4, 512, 2, 128),
+    "cuda": (2048, 5632, 4, 16, 32000, 4, 2048),
+}
+
+
+def _config(size):
+    from transformers import LlamaConfig
+
+    hidden, intermediate, layers, heads, vocab, _, sequence = size
+    return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
+                       max_position_embeddings=sequence)
+
+
+def _base_model(size, dtype, device):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(_config(size)).to(device=device, dtype=dtype)
+
+
+def fused_model(size, r, lora_alpha, p, dtype, device):
+    import fused_lora
+
+    model = _base_model(size, dtype, device)
+    model.requires_grad_(False)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in TARGET_MODULES and isinstance(child, torch.nn.Linear):
+                layer = fused_lora.FusedLoRALinear.from_linear(child, r=r, lora_alpha=lora_alpha, lora_dropout=p)
+                if dtype in (torch.float16, torch.bfloat16):  # PEFT's default: fp32 adapters
+                    layer.lora_A.data = layer.lora_A.data.float()
+                    layer.lora_B.data = layer.lora_B.data.float()
+                setattr(module, child_name, layer)
+    return model.train()
+
+
+def peft_model(size, r, lora_alpha, p, dtype, device):
+    import peft
+
+    config = peft.LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=p, target_modules=TARGET_MODULES)
+    return peft.get_peft_model(_base_model(size, dtype, device), config).train()
+
+
+def run(device: torch.device, size_name: str, r: int, p: float, dtype: torch.dtype, repeats: int):
+    """Rows: tokens/s (median, p20, p80) of fwd+bwd and memory, for fused_lora and PEFT."""
+    size = SIZES[size_name]
+    batch, sequence, vocab = size[5], size[6], size[4]
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, sequence), generator=gen).to(device)
+    models = {"fused_lora": fused_model(size, r, 2 * r, p, dtype, device),
+              "peft": peft_model(size, r, 2 * r, p, dtype, device)}
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    seconds = {name: [] for name in models}
+    memory = {}
+    for name, model in models.items():
+        step(model)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            start = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step(model)
+            synchronize()
+            memory[name] = ("peak_bytes", torch.cuda.max_memory_allocated() - start)
+        else:
+            memory[name] = ("saved_bytes", saved_tensor_bytes(lambda: model(input_ids=ids, labels=ids).loss,
+                                                             exclude=model.parameters()))
+    for _ in range(repeats):
+        for name, model in models.items():  # interleaved, as for the layer rows
+            synchronize()
+            begin = time.perf_counter()
+            step(model)
+            synchronize()
+            seconds[name].append(time.perf_counter() - begin)
+    tokens = batch * sequence
+    rows = []
+    for name in models:
+        med, p20, p80 = (timing.quantile(seconds[name], q) for q in timing.QUANTILES)
+        kind, value = memory[name]
+        rows.append(dict(provider=name, model=f"Llama h={size[0]} ffn={size[1]} layers={size[2]} vocab={vocab}",
+                         tokens_per_step=tokens, r=r, p=p, dtype=str(dtype).replace("torch.", ""),
+                         tokens_per_s=tokens / med, tokens_per_s_p20=tokens / p80, tokens_per_s_p80=tokens / p20,
+                         step_ms=1e3 * med, memory_kind=kind, memory_bytes=value))
+    return rows
+
+
+def format_rows(rows) -> str:
+    lines = [f"{'end-to-end fwd+bwd':<44} {'provider':<12} {'tokens/s':>10} {'p20-p80':>17} {'memory MB':>10}"]
+    for row in rows:
+        lines.append(f"{row['model'] + ' r=' + str(row['r']) + ' p=' + str(row['p']):<44} {row['provider']:<12} "
+                     f"{row['tokens_per_s']:>10.0f} {row['tokens_per_s_p20']:>8.0f}-{row['tokens_per_s_p80']:<8.0f} "
+                     f"{row['memory_bytes'] / 2 ** 20:>10.1f} ({row['memory_kind']})")
+    return "\n".join(lines)

@@ -1,0 +1,142 @@
+"""The contestants: one LoRA linear layer each, built from the same weights.
+
+* ``linear``: a frozen ``nn.Linear`` (only dx in backward): the limit.
+* ``fused_lora``: ``FusedLoRALinear`` with the automatic backend.
+* ``fused_lora_torch``: ``FusedLoRALinear`` forced to the pure-PyTorch backend.
+* ``peft``: PEFT's ``lora.Linear`` (the real peft package).
+* ``peft_compile``: ``torch.compile`` of that PEFT layer.
+* ``addmm_composite``: the Unsloth-style composite (addmm_ into the output,
+  our own implementation of that strategy); p = 0 only, as in Unsloth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+import fused_lora
+from fused_lora.backends import backend_name_for
+
+PROVIDERS = ("linear", "fused_lora", "fused_lora_torch", "peft", "peft_compile", "addmm_composite")
+
+
+@dataclass
+class Weights:
+    """One layer's tensors, shared by every provider (copied into each)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+
+    @classmethod
+    def random(cls, K, N, r, dtype, adapter_dtype, device, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+
+        def rand(*shape, scale, dt):
+            return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dt)
+
+        return cls(rand(N, K, scale=K ** -0.5, dt=dtype), rand(N, scale=0.1, dt=dtype),
+                   rand(r, K, scale=K ** -0.5, dt=adapter_dtype), rand(N, r, scale=r ** -0.5, dt=adapter_dtype),
+                   scaling=2.0)
+
+
+class _AddmmLoRAFunction(torch.autograd.Function):
+    """y = x W^T + b + s (x A^T) B^T with addmm_ into the outputs; no dropout (as Unsloth)."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, lora_A, lora_B, scaling):
+        xa = x2d.to(lora_A.dtype) @ lora_A.t()
+        y = torch.addmm(bias, x2d, weight.t()) if bias is not None else x2d @ weight.t()
+        y.addmm_(xa.to(y.dtype), lora_B.t().to(y.dtype), alpha=scaling)
+        ctx.save_for_backward(x2d, weight, lora_A, lora_B, xa)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, weight, lora_A, lora_B, xa = ctx.saved_tensors
+        s = ctx.scaling
+        dy_lora = dy.to(lora_A.dtype)
+        dxa = dy_lora @ lora_B
+        dB = (dy_lora.t() @ xa).mul_(s)
+        dA = (dxa.t() @ x2d.to(lora_A.dtype)).mul_(s)
+        dx = dy @ weight
+        dx.addmm_(dxa.to(dx.dtype), lora_A.to(dx.dtype), alpha=s)
+        return dx, None, None, dA, dB, None
+
+
+class AddmmComposite(nn.Module):
+    def __init__(self, w: Weights):
+        super().__init__()
+        self.weight = nn.Parameter(w.weight.clone(), requires_grad=False)
+        self.bias = nn.Parameter(w.bias.clone(), requires_grad=False) if w.bias is not None else None
+        self.lora_A = nn.Parameter(w.lora_A.clone())
+        self.lora_B = nn.Parameter(w.lora_B.clone())
+        self.scaling = w.scaling
+
+    def forward(self, x):
+        y = _AddmmLoRAFunction.apply(x.reshape(-1, x.shape[-1]), self.weight, self.bias, self.lora_A,
+                                     self.lora_B, self.scaling)
+        return y.view(*x.shape[:-1], -1)
+
+
+def _frozen_linear(w: Weights) -> nn.Linear:
+    N, K = w.weight.shape
+    linear = nn.Linear(K, N, bias=w.bias is not None, device=w.weight.device, dtype=w.weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(w.weight)
+        if w.bias is not None:
+            linear.bias.copy_(w.bias)
+    return linear.requires_grad_(False)
+
+
+def _peft_layer(w: Weights, r: int, p: float) -> nn.Module:
+    import peft
+    from peft.tuners.lora import Linear as PeftLoraLinear
+
+    config = peft.LoraConfig(r=r, lora_alpha=w.scaling * r, lora_dropout=p)
+    layer = PeftLoraLinear(_frozen_linear(w), "default", config=config, r=r, lora_alpha=w.scaling * r)
+    with torch.no_grad():
+        # The adapters take the dtype the sweep gives every provider (fp32 with
+        # half-precision bases is PEFT's own default).
+        for adapter, value in ((layer.lora_A["default"], w.lora_A), (layer.lora_B["default"], w.lora_B)):
+            adapter.to(value.dtype)
+            adapter.weight.copy_(value)
+    assert layer.scaling["default"] == w.scaling
+    return layer
+
+
+def build(provider: str, w: Weights, r: int, p: float) -> tuple[nn.Module, str]:
+    """(module in training mode, backend label). Raises NotImplementedError where a provider does not apply."""
+    device = w.weight.device
+    if provider == "linear":
+        return _frozen_linear(w).train(), ""
+    if provider in ("fused_lora", "fused_lora_torch"):
+        layer = _fused_layer(w, r, p)
+        layer.backend = "torch" if provider == "fused_lora_torch" else None
+        return layer.train(), backend_name_for(device, layer.backend)
+    if provider == "peft":
+        return _peft_layer(w, r, p).train(), ""
+    if provider == "peft_compile":
+        return torch.compile(_peft_layer(w, r, p).train(), dynamic=True), "inductor"
+    if provider == "addmm_composite":
+        if p > 0:
+            raise NotImplementedError("no dropout (as Unsloth)")
+        return AddmmComposite(w).train(), ""
+    raise ValueError(f"provider: expected one of {PROVIDERS}, got {provider!r}")
+
+
+def _fused_layer(w: Weights, r: int, p: float) -> fused_lora.FusedLoRALinear:
+    layer = fused_lora.FusedLoRALinear.from_linear(_frozen_linear(w), r=r, lora_alpha=w.scaling * r, lora_dropout=p)
+    with torch.no_grad():
+        layer.lora_A.data = w.lora_A.clone()
+        layer.lora_B.data = w.lora_B.clone()
+    return layer
+
+
+def trainable_parameters(module: nn.Module) -> list[torch.Tensor]:
+    return [q for q in module.parameters() if q.requires_grad]

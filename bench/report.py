@@ -1,0 +1,121 @@
+"""Results: terminal table, CSV rows with metadata columns, JSON metadata."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+
+import torch
+
+from .timing import MODES
+
+CSV_COLUMNS = ["K", "N", "T", "r", "p", "dtype", "provider", "backend", "mode", "status", "median_ms", "p20_ms",
+               "p80_ms", "ratio_to_linear", "tflops", "saved_bytes", "peak_bytes"]
+META_COLUMNS = ["device", "device_name", "threads", "torch", "triton", "peft", "git_commit", "date"]
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def metadata(device: torch.device) -> dict:
+    return {
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
+        "cpu_model": _cpu_model(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "peft": _version("peft"),
+        "transformers": _version("transformers"),
+        "fused_lora": _version("fused_lora"),
+        "python": platform.python_version(),
+        "git_commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(rows) -> str:
+    """One line per (case, provider): the three modes' medians and ratios to the frozen linear."""
+    by_key = {}
+    for row in rows:
+        key = (row["K"], row["N"], row["T"], row["r"], row["p"], row["dtype"], row["provider"])
+        by_key.setdefault(key, {})[row["mode"]] = row
+    header = (f"{'case':<30} {'provider':<22} " + " ".join(f"{m + ' ms':>11} {'x lin':>6}" for m in MODES)
+              + f" {'TFLOP/s':>8} {'saved MB':>9}")
+    lines = [header, "-" * len(header)]
+    last_case = None
+    for key, modes in by_key.items():
+        K, N, T, r, p, dtype, provider = key
+        case = f"{K}->{N} T={T} r={r} p={p} {dtype}"
+        if last_case is not None and case != last_case:
+            lines.append("")
+        first = modes[MODES[0]]
+        name = provider + (f"[{first['backend']}]" if first["backend"] else "")
+        if first["status"] != "ok":
+            lines.append(f"{case:<30} {name:<22} {first['status']}")
+        else:
+            cells = " ".join(f"{_fmt(modes[m]['median_ms'], '11.2f')} {_fmt(modes[m]['ratio_to_linear'], '6.3f')}"
+                             for m in MODES)
+            saved = modes["fwd+bwd"]["saved_bytes"]
+            lines.append(f"{case:<30} {name:<22} {cells} {_fmt(modes['fwd+bwd']['tflops'], '8.3f')} "
+                         f"{_fmt(None if saved is None else saved / 2 ** 20, '9.1f')}")
+        last_case = case
+    return "\n".join(lines)
+
+
+class CsvWriter:
+    """Rows go to disk as each case finishes, so an interrupted sweep keeps what it measured."""
+
+    def __init__(self, path: str, meta: dict):
+        self.path = path
+        self.meta = {c: meta.get(c) for c in META_COLUMNS}
+        with open(path, "w", newline="") as f:
+            csv.DictWriter(f, fieldnames=CSV_COLUMNS + META_COLUMNS).writeheader()
+
+    def append(self, rows) -> None:
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS + META_COLUMNS, extrasaction="ignore")
+            for row in rows:
+                writer.writerow({**self.meta, **row})
+
+
+def write_json(path: str, meta: dict, extra: dict) -> None:
+    with open(path, "w") as f:
+        json.dump({**meta, **extra}, f, indent=2, sort_keys=True)
+        f.write("\n")

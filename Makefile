@@ -17,7 +17,8 @@ $(DEPS): requirements.txt
 install: $(DEPS)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 
-test: install
+# The suite covers the benchmark harness too, so it needs the bench extras.
+test: install $(BENCH_DEPS)
 	$(PY) -m pytest -q tests
 
 $(BENCH_DEPS): $(DEPS) requirements-bench.txt

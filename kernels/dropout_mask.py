@@ -57,6 +57,7 @@ def _dropout_mask_kernel(
     # meta-parameters
     K_ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """One program: a (BLOCK_M, BLOCK_K) tile of the keep mask. Pointer: out (T, K) uint8."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -49,6 +49,10 @@ def _lora_fwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    """One program: a (BLOCK_M, BLOCK_N) tile of y, in grouped order for L2 reuse.
+
+    Pointers: x (T, K), w (N, K), bias (N,), xa (T, R) fp32/fp64, b = lora_B (N, R), y (T, N).
+    """
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

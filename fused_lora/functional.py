@@ -7,8 +7,7 @@ import warnings
 import torch
 
 from .backends import backend_name_for
-from .checks import check_dropout_p, check_lora_inputs, check_scaling, check_seed
-from .dropout import draw_seed
+from .checks import MAX_SEED, check_dropout_p, check_lora_inputs, check_scaling, check_seed
 from .function import FusedLoRAFunction
 
 TRITON_MAX_RANK = 256
@@ -38,6 +37,8 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     Returns:
         (..., N) tensor in x's dtype.
     """
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        x, weight, bias, lora_A, lora_B = _autocast_inputs(x, weight, bias, lora_A, lora_B)
     check_lora_inputs(x, weight, bias, lora_A, lora_B)
     scaling = check_scaling(scaling)
     dropout_p = check_dropout_p(dropout_p)
@@ -45,7 +46,7 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         raise TypeError(f"training: expected a bool, got {type(training).__name__}")
     if seed is not None:
         seed = check_seed(seed)
-    name = backend_name_for(x.device, backend)
+    name = _backend_name(x.device, backend)
     if name == "triton" and lora_A.shape[0] > TRITON_MAX_RANK:
         raise ValueError(f"lora_A: the triton backend supports rank r <= {TRITON_MAX_RANK}, "
                          f"got r={lora_A.shape[0]}")
@@ -56,10 +57,47 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     _warn_if_base_trainable(weight, bias)
 
     if not training or dropout_p == 0.0:
-        dropout_p, seed = 0.0, 0
+        dropout_p, seed = 0.0, torch.zeros((), dtype=torch.int64)
     elif seed is None:
-        seed = draw_seed()
+        seed = draw_seed_tensor()
+    else:
+        seed = torch.tensor(seed, dtype=torch.int64)
     return FusedLoRAFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, name)
+
+
+@torch.compiler.assume_constant_result
+def _backend_name(device: torch.device, backend: str | None) -> str:
+    # NOTE: under torch.compile the choice is made once, at trace time, not traced
+    # (backends.py caches what it found with lru_cache, which dynamo would warn about).
+    return backend_name_for(device, backend)
+
+
+def draw_seed_tensor() -> torch.Tensor:
+    """``fused_lora.dropout.draw_seed`` as a 0-d int64 CPU tensor: the same draw, but no ``.item()``.
+
+    NOTE: staying a tensor keeps the draw inside a torch.compile graph; the op reads it.
+    """
+    return torch.randint(0, MAX_SEED - 1, (), dtype=torch.int64)
+
+
+def _autocast_inputs(x, weight, bias, lora_A, lora_B):
+    """Cast as autocast casts ``F.linear``'s inputs: floating tensors but fp64 go to the autocast dtype.
+
+    fp32 adapters stay fp32 (the LoRA branch is then computed in fp32, as PEFT's default
+    fp32 adapters are); adapters in another dtype follow x.
+    """
+    dtype = torch.get_autocast_dtype(x.device.type)
+
+    def cast(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+            return t.to(dtype)
+        return t
+
+    x, weight, bias = cast(x), cast(weight), cast(bias)
+    if x.dtype == dtype and dtype in (torch.float16, torch.bfloat16):
+        if isinstance(lora_A, torch.Tensor) and lora_A.dtype != torch.float32:
+            lora_A, lora_B = cast(lora_A), cast(lora_B)
+    return x, weight, bias, lora_A, lora_B
 
 
 def _warn_if_base_trainable(weight, bias) -> None:

@@ -1,0 +1,90 @@
+"""The backend operations registered as PyTorch custom ops, so torch.compile can trace around them.
+
+``torch.library.custom_op`` makes each operation one opaque node in a compiled graph,
+with a fake implementation that only computes output shapes and dtypes (no data), as
+vLLM does for its LoRA kernels. The real implementation dispatches to the chosen
+backend (``fused_lora.torch_ops`` / ``cpu_ops`` / ``triton_ops``; same interface).
+
+Differences from the backend interface, to fit custom-op schemas:
+
+* the dropout seed is a 0-d int64 CPU tensor, read inside the op; so drawing it with
+  ``torch.randint`` stays in the graph (no ``.item()`` graph break);
+* ``lora_backward`` always returns three tensors; one that was not asked for is an
+  empty (0,) tensor.
+
+The ops run with autocast disabled: the caller (``fused_lora_linear``) casts the inputs
+to the autocast dtype first, as ``F.linear`` does, and the kernels then keep their own
+precision (fp32 accumulation, adapters in their own dtype).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backends import backend_ops
+from .torch_ops import accumulation_dtype
+
+LIBRARY = "fused_lora"
+
+
+def _seed_value(seed: Tensor) -> int:
+    return int(seed.item())
+
+
+def _no_autocast(device: torch.device):
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return torch.autocast(device_type="cpu", enabled=torch.is_autocast_enabled("cpu"))
+
+
+@torch.library.custom_op(f"{LIBRARY}::lora_shrink", mutates_args=())
+def lora_shrink(x2d: Tensor, lora_A: Tensor, seed: Tensor, dropout_p: float, backend: str) -> Tensor:
+    """``xa = D(x) A^T``, (T, r) in the accumulation dtype."""
+    with _no_autocast(x2d.device):
+        return backend_ops(backend).lora_shrink(x2d, lora_A, _seed_value(seed), dropout_p)
+
+
+@lora_shrink.register_fake
+def _lora_shrink_fake(x2d, lora_A, seed, dropout_p, backend):
+    return x2d.new_empty((x2d.shape[0], lora_A.shape[0]), dtype=accumulation_dtype(x2d.dtype))
+
+
+@torch.library.custom_op(f"{LIBRARY}::lora_forward", mutates_args=())
+def lora_forward(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_B: Tensor, xa: Tensor,
+                 scaling: float, backend: str) -> Tensor:
+    """``y = x W^T + b + scaling * xa B^T``, (T, N) in x's dtype."""
+    with _no_autocast(x2d.device):
+        return backend_ops(backend).lora_forward(x2d, weight, bias, lora_B, xa, scaling)
+
+
+@lora_forward.register_fake
+def _lora_forward_fake(x2d, weight, bias, lora_B, xa, scaling, backend):
+    return x2d.new_empty((x2d.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op(f"{LIBRARY}::lora_backward", mutates_args=())
+def lora_backward(dy: Tensor, x2d: Optional[Tensor], weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                  xa: Tensor, scaling: float, seed: Tensor, dropout_p: float, needs_dx: bool,
+                  needs_dA: bool, needs_dB: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dA, dB)``; each one not asked for is an empty (0,) tensor."""
+    with _no_autocast(dy.device):
+        dx, dA, dB = backend_ops(backend).lora_backward(
+            dy, x2d, weight, lora_A, lora_B, xa, scaling, _seed_value(seed), dropout_p,
+            needs_dx, needs_dA, needs_dB)
+    # NOTE: a fresh empty tensor for each absent output: custom-op outputs may not alias each other.
+    return (dx if dx is not None else dy.new_empty((0,)),
+            dA if dA is not None else lora_A.new_empty((0,)),
+            dB if dB is not None else lora_B.new_empty((0,)))
+
+
+@lora_backward.register_fake
+def _lora_backward_fake(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_p,
+                        needs_dx, needs_dA, needs_dB, backend):
+    T, K = dy.shape[0], weight.shape[1]
+    dx = dy.new_empty((T, K) if needs_dx else (0,))
+    dA = lora_A.new_empty(tuple(lora_A.shape) if needs_dA else (0,))
+    dB = lora_B.new_empty(tuple(lora_B.shape) if needs_dB else (0,))
+    return dx, dA, dB

@@ -1,0 +1,244 @@
+"""apply_lora and from_peft against the real PEFT package on a small transformers Llama."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fused_lora
+from fused_lora import FusedLoRALinear, apply_lora, from_peft, print_trainable_parameters
+
+from conftest import assert_close
+from tiny_models import tiny_llama, token_batch
+
+peft = pytest.importorskip("peft")
+
+
+def set_backend(model, backend):
+    for module in model.modules():
+        if isinstance(module, FusedLoRALinear):
+            module.backend = backend
+    return model
+
+
+def peft_targeted_names(model, target_modules):
+    """Qualified names of the modules PEFT wraps (relative to the plain model)."""
+    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=target_modules))
+    from peft.tuners.lora import LoraLayer
+    prefix = "base_model.model."
+    return sorted(name[len(prefix):] for name, m in peft_model.named_modules() if isinstance(m, LoraLayer))
+
+
+@pytest.mark.parametrize("target_modules", [
+    ["q_proj", "v_proj"],
+    ["down_proj", "model.layers.0.self_attn.k_proj"],
+    r".*\.layers\.1\.self_attn\.(q|o)_proj",
+    "all-linear",
+], ids=["suffixes", "suffix-and-full-name", "regex", "all-linear"])
+def test_apply_lora_targets_what_peft_targets(target_modules):
+    model = tiny_llama()
+    expected = peft_targeted_names(model, target_modules)
+    assert expected, "PEFT matched nothing: the test would prove nothing"
+    apply_lora(model, target_modules, r=2)
+    ours = sorted(name for name, m in model.named_modules() if isinstance(m, FusedLoRALinear))
+    assert ours == expected
+    if target_modules == "all-linear":
+        assert "lm_head" not in ours and len(ours) == 14
+
+
+def test_apply_lora_keeps_outputs_freezes_the_rest_and_counts_like_peft(capsys):
+    model = tiny_llama()
+    ids = token_batch()
+    with torch.no_grad():
+        before = model(ids).logits
+    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, lora_alpha=8,
+                                                                             target_modules=["q_proj", "v_proj"]))
+    returned = set_backend(apply_lora(model, ["q_proj", "v_proj"], r=4, lora_alpha=8), "torch")
+    assert returned is model
+    with torch.no_grad():
+        assert_close("logits", model(ids).logits, before, atol=1e-6, rtol=1e-6)  # B = 0 at init
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == sorted(f"model.layers.{i}.self_attn.{proj}.{ab}" for i in range(2)
+                               for proj in ("q_proj", "v_proj") for ab in ("lora_A", "lora_B"))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert (layer.r, layer.scaling, layer.lora_A.shape, layer.lora_B.shape) == (4, 2.0, (4, 32), (32, 4))
+    peft_model.print_trainable_parameters()
+    peft_line = capsys.readouterr().out
+    print_trainable_parameters(model)
+    assert capsys.readouterr().out == peft_line
+    # q_proj 32->32 and v_proj 32->16 in 2 layers at r=4: 2 * 4 * (64 + 48).
+    assert peft_line.startswith("trainable params: 896 || all params: ")
+
+
+def test_apply_lora_sets_rslora_and_dropout():
+    model = apply_lora(tiny_llama(), ["o_proj"], r=4, lora_alpha=8, lora_dropout=0.1, use_rslora=True)
+    layer = model.model.layers[1].self_attn.o_proj
+    assert layer.scaling == 4.0 and layer.lora_dropout == 0.1 and layer.use_rslora
+
+
+def test_apply_lora_no_match_lists_the_names_it_saw():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"target_modules: \['query'\] matched no module.*"
+                                         r"model\.layers\.0\.self_attn\.q_proj"):
+        apply_lora(model, ["query"])
+    assert not any(isinstance(m, FusedLoRALinear) for m in model.modules())
+
+
+def test_apply_lora_bad_arguments():
+    model = tiny_llama()
+    with pytest.raises(TypeError, match="target_modules"):
+        apply_lora(model, 3)
+    with pytest.raises(ValueError, match="target_modules"):
+        apply_lora(model, [])
+    with pytest.raises(ValueError, match="target_modules.*not a valid regular expression"):
+        apply_lora(model, "(q_proj")
+    with pytest.raises(ValueError, match="r: expected an int >= 1"):
+        apply_lora(model, ["q_proj"], r=0)
+    with pytest.raises(ValueError, match="dropout_p"):
+        apply_lora(model, ["q_proj"], lora_dropout=1.0)
+    with pytest.raises(ValueError, match="lora_alpha"):
+        apply_lora(model, ["q_proj"], lora_alpha=float("nan"))
+    with pytest.raises(TypeError, match="model"):
+        apply_lora("model", ["q_proj"])
+    with pytest.raises(ValueError, match="'model.embed_tokens' is a Embedding"):
+        apply_lora(model, ["embed_tokens"])
+    apply_lora(model, ["q_proj"])
+    with pytest.raises(ValueError, match="already is a FusedLoRALinear"):
+        apply_lora(model, ["q_proj"])
+
+
+def _peft_llama(use_rslora=False, lora_dropout=0.0, **config):
+    model = tiny_llama()
+    lora_config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=lora_dropout, use_rslora=use_rslora,
+                                  target_modules=["q_proj", "k_proj", "v_proj", "down_proj"], **config)
+    peft_model = peft.get_peft_model(model, lora_config)
+    torch.manual_seed(3)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(param, std=0.2)
+    return peft_model
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad()
+    logits = model(ids).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    loss.backward()
+    grads = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            grads[name.replace(".default.weight", "").replace(".weight", "")] = param.grad.clone()
+    return logits.detach(), grads
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_from_peft_matches_peft_outputs_and_all_gradients(device_backend, use_rslora):
+    device, backend = device_backend
+    peft_model = _peft_llama(use_rslora=use_rslora).to(device)
+    reference = copy.deepcopy(peft_model)
+    ids = token_batch().to(device)
+    logits_peft, grads_peft = _loss_and_grads(reference, ids)
+
+    lora_A_before = peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    converted = from_peft(peft_model)
+    assert converted is peft_model
+    set_backend(converted, backend)
+    from peft.tuners.lora import LoraLayer
+    assert not any(isinstance(m, LoraLayer) for m in converted.modules())
+    layer = converted.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, FusedLoRALinear)
+    assert layer.lora_A is lora_A_before  # the same Parameter: optimizers stay valid
+    assert layer.scaling == (8 / 2 if use_rslora else 8 / 4)
+
+    logits, grads = _loss_and_grads(converted, ids)
+    assert_close("logits", logits, logits_peft, atol=1e-5, rtol=1e-4)
+    assert sorted(grads) == sorted(grads_peft) and len(grads) == 16
+    for name in grads:
+        assert_close(f"grad {name}", grads[name], grads_peft[name], atol=1e-5, rtol=1e-4)
+
+
+def test_from_peft_keeps_the_dropout_probability_and_training_mode():
+    peft_model = _peft_llama(lora_dropout=0.1)
+    peft_model.train()
+    from_peft(peft_model)
+    layers = [m for m in peft_model.modules() if isinstance(m, FusedLoRALinear)]
+    assert len(layers) == 8 and all(m.lora_dropout == 0.1 and m.training for m in layers)
+
+
+def _unchanged(peft_model):
+    from peft.tuners.lora import LoraLayer
+    return (not any(isinstance(m, FusedLoRALinear) for m in peft_model.modules())
+            and sum(isinstance(m, LoraLayer) for m in peft_model.modules()) > 0)
+
+
+def test_from_peft_refuses_dora():
+    peft_model = _peft_llama(use_dora=True)
+    with pytest.raises(ValueError, match=r"module '.*q_proj' uses DoRA"):
+        from_peft(peft_model)
+    assert _unchanged(peft_model)
+
+
+def test_from_peft_refuses_lora_bias():
+    peft_model = _peft_llama(lora_bias=True)
+    with pytest.raises(ValueError, match=r"module '.*q_proj' uses lora_bias=True"):
+        from_peft(peft_model)
+    assert _unchanged(peft_model)
+
+
+def test_from_peft_refuses_several_adapters():
+    peft_model = _peft_llama()
+    peft_model.add_adapter("other", peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"module '.*q_proj' holds several adapters \['default', 'other'\]"):
+        from_peft(peft_model)
+    peft_model.base_model.set_adapter(["default", "other"])
+    with pytest.raises(ValueError, match=r"module '.*q_proj' has 2 active adapters"):
+        from_peft(peft_model)
+    assert _unchanged(peft_model)
+
+
+def test_from_peft_refuses_fan_in_fan_out():
+    from transformers.pytorch_utils import Conv1D
+
+    class GPT2Style(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_attn = Conv1D(12, 8)  # (in, out) weight: PEFT sets fan_in_fan_out=True
+
+        def forward(self, x):
+            return self.c_attn(x)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = peft.get_peft_model(GPT2Style(), peft.LoraConfig(r=2, target_modules=["c_attn"],
+                                                                       fan_in_fan_out=True))
+    with pytest.raises(ValueError, match=r"module '.*c_attn' uses fan_in_fan_out=True"):
+        from_peft(peft_model)
+
+
+def test_from_peft_refuses_quantised_base_layers():
+    # bitsandbytes is not installed here: stand in an int8 weight, as a quantised base layer holds.
+    peft_model = _peft_llama()
+    q_proj = peft_model.base_model.model.model.layers[1].self_attn.q_proj
+    base = q_proj.get_base_layer()
+    base.weight = nn.Parameter(base.weight.detach().to(torch.int8), requires_grad=False)
+    with pytest.raises(ValueError, match=r"module '.*layers\.1\.self_attn\.q_proj'.*quantised base layers"):
+        from_peft(peft_model)
+    assert _unchanged(peft_model)
+
+
+def test_from_peft_refuses_merged_adapters_and_non_peft_models():
+    peft_model = _peft_llama()
+    peft_model.merge_adapter()
+    with pytest.raises(ValueError, match="merged"):
+        from_peft(peft_model)
+    with pytest.raises(ValueError, match="no PEFT LoRA layer"):
+        from_peft(tiny_llama())
+    with pytest.raises(TypeError, match="peft_model"):
+        from_peft(None)
+
+
+def test_public_names():
+    for name in ("apply_lora", "from_peft", "save_adapter", "load_adapter", "print_trainable_parameters"):
+        assert callable(getattr(fused_lora, name)), name

@@ -1,0 +1,26 @@
+"""Small randomly initialised models shared by the integration tests (no downloads)."""
+
+import torch
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    values = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  attention_dropout=0.0, tie_word_embeddings=False)
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def tiny_llama(seed=0, **overrides):
+    """A 2-layer LlamaForCausalLM in fp32, eval mode, fixed random weights."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**overrides))
+    return model.eval()
+
+
+def token_batch(batch=2, length=10, vocab=96, seed=1):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,138 @@
+"""torch.compile: the custom ops trace with no graph break and compiled runs match eager."""
+
+import warnings
+
+import pytest
+import torch
+import torch._dynamo
+import torch._inductor.config
+import torch.nn as nn
+
+import fused_lora
+from fused_lora import FusedLoRALinear, apply_lora, fused_lora_linear
+
+from conftest import assert_close
+from tiny_models import tiny_llama, token_batch
+
+
+class TwoLayers(nn.Module):
+    def __init__(self, p, backend):
+        super().__init__()
+        self.first = FusedLoRALinear(16, 24, r=4, lora_alpha=8, lora_dropout=p)
+        self.second = FusedLoRALinear(24, 8, r=3, lora_dropout=p, bias=False)
+        for layer in (self.first, self.second):
+            nn.init.normal_(layer.lora_B)
+            layer.backend = backend
+
+    def forward(self, x):
+        return self.second(torch.relu(self.first(x)))
+
+
+def _run(model, x):
+    x = x.detach().clone().requires_grad_(True)
+    model.zero_grad()
+    y = model(x)
+    (y * y).sum().backward()
+    grads = [x.grad] + [p.grad for p in model.parameters() if p.requires_grad]
+    return [y.detach()] + [g.clone() for g in grads]
+
+
+def test_custom_ops_have_fake_implementations():
+    with torch._subclasses.FakeTensorMode():
+        x, A, B, W = torch.empty(7, 5), torch.empty(3, 5), torch.empty(6, 3), torch.empty(6, 5)
+        seed = torch.zeros((), dtype=torch.int64)
+        xa = torch.ops.fused_lora.lora_shrink(x, A, seed, 0.1, "torch")
+        assert xa.shape == (7, 3) and xa.dtype == torch.float32
+        y = torch.ops.fused_lora.lora_forward(x.half(), W.half(), None, B, xa, 2.0, "torch")
+        assert y.shape == (7, 6) and y.dtype == torch.float16
+        dx, dA, dB = torch.ops.fused_lora.lora_backward(torch.empty(7, 6), x, W, A, B, xa, 2.0, seed, 0.1,
+                                                         True, False, True, "torch")
+        assert (dx.shape, dA.shape, dB.shape) == ((7, 5), (0,), (6, 3))
+
+
+def test_compiled_graphs_hold_the_custom_ops():
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    recorder = AotEagerAndRecordGraphs()
+    torch._dynamo.reset()
+    compiled = torch.compile(TwoLayers(0.3, "torch").train(), backend=recorder, fullgraph=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _run(compiled, torch.randn(4, 16))
+
+    def ops(graphs):
+        return {str(n.target) for g in graphs for n in g.graph.nodes if "fused_lora" in str(n.target)}
+
+    assert ops(recorder.fw_graphs) == {"fused_lora.lora_shrink.default", "fused_lora.lora_forward.default"}
+    assert ops(recorder.bw_graphs) == {"fused_lora.lora_backward.default"}
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_no_graph_breaks(device_backend, p):
+    device, backend = device_backend
+    model = TwoLayers(p, backend).to(device).train()
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 5, 16, device=device))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    ops = {str(node.target) for graph in explanation.graphs for node in graph.graph.nodes}
+    assert any("FusedLoRAFunction" in op or "autograd_function_apply" in op for op in ops), ops
+
+
+def test_no_graph_breaks_in_a_transformers_llama_with_lora():
+    model = apply_lora(tiny_llama(), ["q_proj", "v_proj", "down_proj"], r=4, lora_dropout=0.1).train()
+    for module in model.modules():
+        if isinstance(module, FusedLoRALinear):
+            module.backend = "torch"
+    explanation = torch._dynamo.explain(model)(token_batch())
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_compiled_matches_eager_forward_and_backward(device_backend):
+    device, backend = device_backend
+    torch.manual_seed(0)
+    model = TwoLayers(0.0, backend).to(device)
+    x = torch.randn(3, 7, 16, device=device)
+    eager = _run(model, x)
+    torch._dynamo.reset()
+    compiled = _run(torch.compile(model), x)
+    for name, a, e in zip(["y", "dx", "first.lora_A", "first.lora_B", "second.lora_A", "second.lora_B"],
+                          compiled, eager):
+        assert_close(name, a, e, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_dropout_with_explicit_seed_matches_eager():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(12, 20), torch.randn(12)
+    A, B, x = torch.randn(4, 20), torch.randn(12, 4), torch.randn(9, 20)
+
+    def fn(x_, a_, b_):
+        return fused_lora_linear(x_, weight, bias, a_, b_, 0.5, 0.4, seed=1234, backend="torch")
+
+    def run(f):
+        inputs = [t.clone().requires_grad_(True) for t in (x, A, B)]
+        y = f(*inputs)
+        y.pow(2).sum().backward()
+        return [y.detach()] + [t.grad for t in inputs]
+
+    torch._dynamo.reset()
+    for name, a, e in zip(("y", "dx", "dA", "dB"), run(torch.compile(fn)), run(fn)):
+        assert_close(name, a, e, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_seed_draw_follows_torch_manual_seed(monkeypatch):
+    # With fallback_random, inductor draws from torch's generator exactly as eager does:
+    # the compiled model must then drop the same elements as the eager one.
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    model = TwoLayers(0.5, "torch").train()
+    x = torch.randn(6, 16)
+    torch.manual_seed(21)
+    eager = _run(model, x)
+    torch._dynamo.reset()
+    compiled_model = torch.compile(model)
+    torch.manual_seed(21)
+    compiled = _run(compiled_model, x)
+    for name, a, e in zip(["y", "dx", "A1", "B1", "A2", "B2"], compiled, eager):
+        assert_close(name, a, e, atol=1e-5, rtol=1e-5)
+    again = _run(compiled_model, x)  # the next call draws a new seed
+    assert not torch.equal(again[0], compiled[0])
+    assert fused_lora.FusedLoRAFunction is not None

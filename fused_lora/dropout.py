@@ -8,13 +8,15 @@ from .backends import backend_name_for, backend_ops
 from .checks import MAX_SEED, check_dims, check_dropout_p, check_seed
 
 
-def draw_seed() -> int:
-    """A seed in [0, 2**63) from torch's default CPU generator.
+def draw_seed() -> torch.Tensor:
+    """A seed in [0, 2**63) from torch's default CPU generator, as a 0-d int64 CPU tensor.
 
     So ``torch.manual_seed`` makes runs repeatable, and activation checkpointing
     (which restores the CPU RNG state) recomputes the same mask.
+    NOTE: staying a tensor (no ``.item()``) keeps the draw inside a torch.compile
+    graph; the operations read it.
     """
-    return int(torch.randint(0, MAX_SEED - 1, (), dtype=torch.int64).item())
+    return torch.randint(0, MAX_SEED - 1, (), dtype=torch.int64)
 
 
 def dropout_mask(seed: int, rows: int, cols: int, dropout_p: float, device="cpu") -> torch.Tensor:

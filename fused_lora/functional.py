@@ -7,7 +7,8 @@ import warnings
 import torch
 
 from .backends import backend_name_for
-from .checks import MAX_SEED, check_dropout_p, check_lora_inputs, check_scaling, check_seed
+from .checks import check_dropout_p, check_lora_inputs, check_scaling, check_seed
+from .dropout import draw_seed
 from .function import FusedLoRAFunction
 
 TRITON_MAX_RANK = 256
@@ -59,7 +60,7 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if not training or dropout_p == 0.0:
         dropout_p, seed = 0.0, torch.zeros((), dtype=torch.int64)
     elif seed is None:
-        seed = draw_seed_tensor()
+        seed = draw_seed()
     else:
         seed = torch.tensor(seed, dtype=torch.int64)
     return FusedLoRAFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, name)
@@ -70,14 +71,6 @@ def _backend_name(device: torch.device, backend: str | None) -> str:
     # NOTE: under torch.compile the choice is made once, at trace time, not traced
     # (backends.py caches what it found with lru_cache, which dynamo would warn about).
     return backend_name_for(device, backend)
-
-
-def draw_seed_tensor() -> torch.Tensor:
-    """``fused_lora.dropout.draw_seed`` as a 0-d int64 CPU tensor: the same draw, but no ``.item()``.
-
-    NOTE: staying a tensor keeps the draw inside a torch.compile graph; the op reads it.
-    """
-    return torch.randint(0, MAX_SEED - 1, (), dtype=torch.int64)
 
 
 def _autocast_inputs(x, weight, bias, lora_A, lora_B):

@@ -88,3 +88,12 @@ def _scalar(hi, lo, IS_FP64: tl.constexpr):
         return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
     else:
         return hi
+
+
+@triton.jit
+def _zeros_acc(ROWS: tl.constexpr, COLS: tl.constexpr, IS_FP64: tl.constexpr):
+    """A zeroed (ROWS, COLS) accumulator: fp32, or fp64 for fp64 inputs."""
+    if IS_FP64:
+        return tl.zeros((ROWS, COLS), dtype=tl.float64)
+    else:
+        return tl.zeros((ROWS, COLS), dtype=tl.float32)

@@ -8,7 +8,7 @@ results are bit-identical run to run (no atomics).
 import triton
 import triton.language as tl
 
-from .common import _grouped_tile, _scalar, gemm_configs, shared_memory_pruner
+from .common import _grouped_tile, _scalar, _zeros_acc, gemm_configs, shared_memory_pruner
 from .dropout_mask import _keep_tile
 
 
@@ -40,10 +40,7 @@ def _lora_bwd_dy_kernel(
     mask_m = offs_m < T
     mask_r = offs_r < R
     dot_dtype = dy_ptr.dtype.element_ty
-    if IS_FP64:
-        dxa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float64)
-    else:
-        dxa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    dxa = _zeros_acc(BLOCK_M, BLOCK_R, IS_FP64)
     if NEEDS_DB:
         xa = tl.load(xa_ptr + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :] * stride_xar,
                      mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(dot_dtype)
@@ -57,10 +54,7 @@ def _lora_bwd_dy_kernel(
                         mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(dot_dtype)
             dxa = tl.dot(dy, b, dxa, input_precision=INPUT_PRECISION, out_dtype=dxa.dtype)
         if NEEDS_DB:
-            if IS_FP64:
-                part = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float64)
-            else:
-                part = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+            part = _zeros_acc(BLOCK_N, BLOCK_R, IS_FP64)
             part = tl.dot(tl.trans(dy), xa, part, input_precision=INPUT_PRECISION, out_dtype=part.dtype)
             p_ptrs = (db_partial_ptr + pid_m.to(tl.int64) * stride_pb
                       + offs_n[:, None] * stride_pn + offs_r[None, :] * stride_pr)
@@ -129,10 +123,7 @@ def _lora_bwd_dx_kernel(
                   mask=mask_m[:, None] & mask_r[None, :], other=0.0)
     a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                 mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-    if IS_FP64:
-        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    acc = _zeros_acc(BLOCK_M, BLOCK_K, IS_FP64)
     scaling = _scalar(scaling_hi, scaling_lo, IS_FP64)
     acc = tl.dot((dxa * scaling).to(dot_dtype), a.to(dot_dtype), acc,
         input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
@@ -182,10 +173,7 @@ def _lora_bwd_da_kernel(
     mask_k = offs_k < K
     mask_r = offs_r < R
     dot_dtype = x_ptr.dtype.element_ty
-    if IS_FP64:
-        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    acc = _zeros_acc(BLOCK_R, BLOCK_K, IS_FP64)
     dropout_scale = _scalar(dropout_scale_hi, dropout_scale_lo, IS_FP64)
     row_start = pid_s * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, T)

@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from .common import _grouped_tile, _scalar, gemm_configs, shared_memory_pruner
+from .common import _grouped_tile, _scalar, _zeros_acc, gemm_configs, shared_memory_pruner
 
 
 def _fwd_configs():
@@ -69,10 +69,7 @@ def _lora_fwd_kernel(
                  mask=mask_m[:, None] & mask_r[None, :], other=0.0)
     b_t = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
                   mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-    if IS_FP64:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _zeros_acc(BLOCK_M, BLOCK_N, IS_FP64)
     acc = tl.dot((xa * scaling).to(dot_dtype), b_t.to(dot_dtype), acc,
         input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
 

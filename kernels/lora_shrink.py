@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from .common import _scalar
+from .common import _scalar, _zeros_acc
 from .dropout_mask import _keep_tile
 
 
@@ -36,10 +36,7 @@ def _lora_shrink_kernel(
     mask_m = offs_m < T
     mask_r = offs_r < R
     dot_dtype = x_ptr.dtype.element_ty
-    if IS_FP64:
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    acc = _zeros_acc(BLOCK_M, BLOCK_R, IS_FP64)
     dropout_scale = _scalar(dropout_scale_hi, dropout_scale_lo, IS_FP64)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     for k_start in range(0, K, BLOCK_K):

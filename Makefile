@@ -14,8 +14,12 @@ $(DEPS): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(DEPS)
 
+# The package in editable mode, then the C++ extension fused_lora._C built in place
+# (ninja from the venv; incremental). FUSED_LORA_SKIP_EXT=1 skips the extension.
 install: $(DEPS)
-	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	FUSED_LORA_SKIP_EXT=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	@if [ "$$FUSED_LORA_SKIP_EXT" != "1" ]; then \
+		PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) setup.py --quiet build_ext --inplace; fi
 
 # The suite covers the benchmark harness too, so it needs the bench extras.
 test: install $(BENCH_DEPS)

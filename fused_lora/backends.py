@@ -15,12 +15,15 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
+import warnings
 from types import ModuleType
 
 import torch
 
 BACKEND_NAMES = ("triton", "cpu", "torch")
 ENV_VAR = "FUSED_LORA_BACKEND"
+_warned_cpu_fallback = False
 
 
 def triton_interpret_mode() -> bool:
@@ -83,6 +86,8 @@ def backend_name_for(device: torch.device, backend: str | None = None) -> str:
             return "triton"
         if device.type == "cpu" and _cpu_extension() is not None:
             return "cpu"
+        if device.type == "cpu":
+            _warn_cpu_fallback()
         return "torch"
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected None or one of {BACKEND_NAMES}, got {type(backend).__name__}")
@@ -97,6 +102,22 @@ def backend_name_for(device: torch.device, backend: str | None = None) -> str:
         raise ValueError(f"{source}: backend {backend!r} cannot run on device {device}: {why} "
                          f"(available here: {available_backends()})")
     return backend
+
+
+def _warn_cpu_fallback() -> None:
+    """Once per process: CPU calls run on "torch" because fused_lora._C is not built."""
+    global _warned_cpu_fallback
+    if _warned_cpu_fallback:
+        return
+    _warned_cpu_fallback = True
+    # Attribute the warning to the first caller outside this package.
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    frame, stacklevel = sys._getframe(0), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package_dir):
+        frame, stacklevel = frame.f_back, stacklevel + 1
+    warnings.warn("fused_lora: the C++ CPU backend (fused_lora._C) is not built, so CPU tensors "
+                  "run on the slower 'torch' backend. Build it with `python setup.py build_ext "
+                  "--inplace` (FUSED_LORA_SKIP_EXT=1 skips it).", stacklevel=stacklevel)
 
 
 def backend_ops(name: str) -> ModuleType:

@@ -1,0 +1,31 @@
+// pybind11 bindings: the module fused_lora._C (wrapped by fused_lora/cpu_ops.py).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>  // at::Tensor <-> torch.Tensor
+
+#include "lora_cpu.h"
+#include "philox.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.doc() = "fused_lora C++ CPU backend: Philox dropout mask and fused LoRA forward/backward";
+  // NOTE: every op releases the GIL; its loops run on ATen's OpenMP threads.
+  using release_gil = py::call_guard<py::gil_scoped_release>;
+  m.def("keep_mask", &fused_lora::keep_mask, "bool (rows, cols) keep mask", py::arg("seed"),
+        py::arg("rows"), py::arg("cols"), py::arg("threshold"), release_gil());
+  m.def("random_uint16", &fused_lora::random_uint16,
+        "16-bit random values of elements start .. start + count - 1 (int32)", py::arg("seed"),
+        py::arg("start"), py::arg("count"), release_gil());
+  m.def("philox_isa", &fused_lora::philox_isa,
+        "the Philox implementation in use: avx512, avx2 or scalar (FUSED_LORA_PHILOX_ISA caps it)");
+  m.def("lora_shrink", &fused_lora::lora_shrink, "xa = D(x) A^T", py::arg("x"), py::arg("lora_A"),
+        py::arg("seed"), py::arg("threshold"), py::arg("dropout_p"), release_gil());
+  m.def("lora_forward", &fused_lora::lora_forward, "y = x W^T + b + scaling * xa B^T",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("lora_B"), py::arg("xa"),
+        py::arg("scaling"), release_gil());
+  m.def("lora_backward", &fused_lora::lora_backward, "(dx, dA, dB); None where not needed",
+        py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"),
+        py::arg("xa"), py::arg("scaling"), py::arg("seed"), py::arg("threshold"),
+        py::arg("dropout_p"), py::arg("needs_dx"), py::arg("needs_dA"), py::arg("needs_dB"),
+        release_gil());
+}

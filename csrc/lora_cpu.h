@@ -1,0 +1,39 @@
+// The operations of the "cpu" backend (fused_lora/cpu_ops.py documents the
+// interface; fused_lora/torch_ops.py is the same in pure PyTorch).
+//
+// Dropout arguments: seed in [0, 2**63); threshold = dropout_threshold(p), the
+// integer the Python side computes so rounding is identical on every backend;
+// dropout_p itself for the 1 / (1 - p) scale. dropout_p == 0 means no dropout.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fused_lora {
+
+// Bool (rows, cols) keep mask of the flattened (rows, cols) input.
+at::Tensor keep_mask(int64_t seed, int64_t rows, int64_t cols, int64_t threshold);
+
+// The 16-bit random values of flattened elements start .. start + count - 1 (int32).
+at::Tensor random_uint16(int64_t seed, int64_t start, int64_t count);
+
+// xa = D(x) A^T: (T, r) in fp32 (fp64 for fp64 x). D(x) is never materialised.
+at::Tensor lora_shrink(const at::Tensor& x, const at::Tensor& lora_A, int64_t seed,
+                       int64_t threshold, double dropout_p);
+
+// y = x W^T + b + scaling * xa B^T: (T, N) in x's dtype; the expand goes into the
+// same output as the base GEMM (no (T, N) temporary).
+at::Tensor lora_forward(const at::Tensor& x, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias, const at::Tensor& lora_B,
+                        const at::Tensor& xa, double scaling);
+
+// (dx, dA, dB), each undefined (None) when not needed. x may be None without dA.
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
+lora_backward(const at::Tensor& dy, const std::optional<at::Tensor>& x, const at::Tensor& weight,
+              const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa,
+              double scaling, int64_t seed, int64_t threshold, double dropout_p, bool needs_dx,
+              bool needs_dA, bool needs_dB);
+
+}  // namespace fused_lora

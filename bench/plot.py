@@ -19,7 +19,8 @@ def plot(csv_path: str, png_path: str) -> None:
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     colors = {name: f"C{i}" for i, name in enumerate(providers)}  # one colour per provider in every panel
     dropouts = sorted({r["p"] for r in rows}, key=float)
-    fig, axes = plt.subplots(len(dropouts), 1, figsize=(max(8, 1.3 * len(rows) / len(dropouts)), 3.6 * len(dropouts)),
+    most_cases = max(len({(r["K"], r["N"], r["T"], r["r"]) for r in rows if r["p"] == p}) for p in dropouts)
+    fig, axes = plt.subplots(len(dropouts), 1, figsize=(min(18, max(8, 2.2 * most_cases)), 3.6 * len(dropouts)),
                              squeeze=False)
     for ax, p in zip(axes[:, 0], dropouts):
         cases = list(dict.fromkeys(f"{r['K']}->{r['N']}\nT={r['T']} r={r['r']}" for r in rows if r["p"] == p))

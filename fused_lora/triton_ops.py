@@ -12,7 +12,7 @@ import functools
 import torch
 import triton
 
-from .kernels.common import lowrank_blocks
+from .kernels.common import dy_pass_blocks, lowrank_blocks
 from .kernels.dropout_mask import _dropout_mask_kernel
 from .kernels.lora_bwd import _lora_bwd_da_kernel, _lora_bwd_dx_kernel, _lora_bwd_dy_kernel
 from .kernels.lora_fwd import _lora_fwd_kernel
@@ -133,7 +133,8 @@ def lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_p,
     with _with_device(device):
         # Step 3: one read of dy for dxa = dy B and the dB partials.
         dxa = torch.empty((T, R), dtype=acc_dtype, device=device) if needs_dxa else xa
-        num_row_blocks = triton.cdiv(T, block)
+        dy_block_m, dy_block_n, dy_warps = dy_pass_blocks(R, dy.element_size())
+        num_row_blocks = triton.cdiv(T, dy_block_m)
         db_partial = (torch.empty((num_row_blocks, N, R), dtype=acc_dtype, device=device)
                       if needs_dB else xa.new_empty((1, 1, 1)))
         _lora_bwd_dy_kernel[(num_row_blocks,)](
@@ -141,7 +142,7 @@ def lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_p,
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), xa.stride(0), xa.stride(1),
             dxa.stride(0), dxa.stride(1), db_partial.stride(0), db_partial.stride(1), db_partial.stride(2),
             NEEDS_DXA=needs_dxa, NEEDS_DB=needs_dB, IS_FP64=is_fp64, INPUT_PRECISION=precision,
-            BLOCK_M=block, BLOCK_N=block, BLOCK_R=block_r,
+            BLOCK_M=dy_block_m, BLOCK_N=dy_block_n, BLOCK_R=block_r, num_warps=dy_warps,
         )
         if needs_dB:
             # NOTE: second, deterministic stage of the reduction over T (no atomics).

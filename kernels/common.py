@@ -30,6 +30,22 @@ def lowrank_blocks(rank, element_size):
     return block_r, (64 if block_r <= 64 and element_size <= 4 else 32)
 
 
+def dy_pass_blocks(rank, element_size):
+    """(BLOCK_M, BLOCK_N, num_warps) of the dy pass (dxa and the dB partials).
+
+    NOTE: the dB partials are one (N, r) fp32 slab per BLOCK_M rows, so they move
+    8 * r / (BLOCK_M * element_size) times the bytes of dy: tall row blocks keep
+    that small (r=16: 1/4 at 128 rows, bf16), as far as the (BLOCK_M, r) dxa
+    accumulator fits in registers. The interpreter gets 32 rows, so that small
+    test shapes still sum several partials.
+    """
+    if interpreting():
+        return 32, 32, 4
+    block_r = max(16, triton.next_power_of_2(rank))
+    block_m = max(32, min(256, 16384 // block_r) // max(1, element_size // 2))
+    return block_m, (64 if element_size <= 2 else 32), (8 if block_m >= 128 else 4)
+
+
 def fitting_configs(configs, element_size, block_r, limit, tile_dims, reduction_block):
     """Configs whose operand tiles fit ``limit`` bytes of shared memory (at least one is returned).
 
@@ -43,7 +59,14 @@ def fitting_configs(configs, element_size, block_r, limit, tile_dims, reduction_
         rows = config.num_stages * blocks[reduction_block] + block_r
         return rows * sum(blocks[d] for d in tile_dims) * element_size
 
-    return [c for c in configs if footprint(c) <= limit] or [min(configs, key=footprint)]
+    fitting = [c for c in configs if footprint(c) <= limit]
+    return fitting or [min(configs + [SMALLEST_GEMM_CONFIG], key=footprint)]
+
+
+# NOTE: not in any autotune list (it would be compiled and timed for every shape);
+# only for fp64 or fp32 at ranks near 256, where no listed config fits.
+SMALLEST_GEMM_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8},
+                                     num_stages=2, num_warps=4)
 
 
 def shared_memory_pruner(pointer_arg, tile_dims, reduction_block):

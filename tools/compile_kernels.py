@@ -21,7 +21,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fused_lora.kernels.common import fitting_configs, lowrank_blocks  # noqa: E402
+from fused_lora.kernels.common import dy_pass_blocks, fitting_configs, lowrank_blocks  # noqa: E402
 from fused_lora.kernels.dropout_mask import _dropout_mask_kernel  # noqa: E402
 from fused_lora.kernels.lora_bwd import (DX_TILES, _lora_bwd_da_kernel, _lora_bwd_dx_kernel,  # noqa: E402
                                          _lora_bwd_dy_kernel)
@@ -65,6 +65,7 @@ def variants(dtypes, ranks, all_configs, limit):
         if not dropout and not aligned:
             continue
         block_r, block = lowrank_blocks(rank, ELEMENT_SIZE[dtype])
+        dy_m, dy_n, dy_warps = dy_pass_blocks(rank, ELEMENT_SIZE[dtype])
         acc = "fp64" if dtype == "fp64" else "fp32"
         precision = "ieee" if dtype in ("fp32", "fp64") else "tf32"
         common = dict(IS_FP64=dtype == "fp64", INPUT_PRECISION=precision)
@@ -87,9 +88,10 @@ def variants(dtypes, ranks, all_configs, limit):
                    dict(x_ptr=dtype, w_ptr=dtype, bias_ptr=dtype, xa_ptr=acc, b_ptr=dtype, y_ptr=dtype),
                    dict(common, HAS_BIAS=True, BLOCK_R=block_r, **config.kwargs),
                    dict(num_warps=config.num_warps, num_stages=config.num_stages))
-        yield (f"bwd_dy {dtype} r={rank}", _lora_bwd_dy_kernel,
+        yield (f"bwd_dy[{dy_m}x{dy_n}] {dtype} r={rank}", _lora_bwd_dy_kernel,
                dict(dy_ptr=dtype, b_ptr=dtype, xa_ptr=acc, dxa_ptr=acc, db_partial_ptr=acc),
-               dict(common, NEEDS_DXA=True, NEEDS_DB=True, BLOCK_M=block, BLOCK_N=block, BLOCK_R=block_r), {})
+               dict(common, NEEDS_DXA=True, NEEDS_DB=True, BLOCK_M=dy_m, BLOCK_N=dy_n, BLOCK_R=block_r),
+               dict(num_warps=dy_warps))
     yield ("dropout_mask aligned", _dropout_mask_kernel, dict(out_ptr="u8"),
            dict(K_ALIGNED=True, BLOCK_M=32, BLOCK_K=64), {})
     yield ("dropout_mask unaligned", _dropout_mask_kernel, dict(out_ptr="u8"),

@@ -14,6 +14,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def autotuning() -> bool:
+    """FUSED_LORA_AUTOTUNE=0 keeps the first config that fits (the test suite on a GPU: fewer compiles)."""
+    return os.environ.get("FUSED_LORA_AUTOTUNE", "1") != "0"
+
+
 def gemm_configs(gpu_configs, interpreter_config):
     """``gpu_configs`` on a GPU, ``[interpreter_config]`` under the interpreter."""
     return [interpreter_config] if interpreting() else gpu_configs
@@ -82,8 +87,9 @@ def shared_memory_pruner(pointer_arg, tile_dims, reduction_block):
             return configs
         tensor = named_args[pointer_arg]
         properties = triton.runtime.driver.active.utils.get_device_properties(tensor.device.index or 0)
-        return fitting_configs(configs, tensor.element_size(), kwargs["BLOCK_R"], properties["max_shared_mem"],
-                               tile_dims, reduction_block)
+        fitting = fitting_configs(configs, tensor.element_size(), kwargs["BLOCK_R"], properties["max_shared_mem"],
+                                  tile_dims, reduction_block)
+        return fitting if autotuning() else fitting[:1]
 
     return prune
 

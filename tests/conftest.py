@@ -9,6 +9,7 @@ import os
 import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+os.environ.setdefault("FUSED_LORA_AUTOTUNE", "0")  # on a GPU: one config per kernel, not a tuning run per shape
 os.environ.pop("FUSED_LORA_BACKEND", None)  # tests choose backends explicitly
 
 import pytest  # noqa: E402

@@ -12,10 +12,10 @@ import functools
 import torch
 import triton
 
-from .kernels.common import dy_pass_blocks, lowrank_blocks
+from .kernels.common import dy_pass_blocks, launch_gemm, lowrank_blocks
 from .kernels.dropout_mask import _dropout_mask_kernel
-from .kernels.lora_bwd import _lora_bwd_da_kernel, _lora_bwd_dx_kernel, _lora_bwd_dy_kernel
-from .kernels.lora_fwd import _lora_fwd_kernel
+from .kernels.lora_bwd import DX_TILES, _lora_bwd_da_kernel, _lora_bwd_dx_kernel, _lora_bwd_dy_kernel
+from .kernels.lora_fwd import FWD_TILES, _lora_fwd_kernel
 from .kernels.lora_shrink import _lora_shrink_kernel
 from .philox import dropout_threshold
 from .torch_ops import accumulation_dtype
@@ -100,19 +100,21 @@ def lora_forward(x2d, weight, bias, lora_B, xa, scaling):
     N, R = lora_B.shape
     y = torch.empty((T, N), dtype=x2d.dtype, device=x2d.device)
     scaling_hi, scaling_lo = _split_float(scaling)
+    block_r = lowrank_blocks(R, x2d.element_size())[0]
 
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     with _with_device(x2d.device):
-        _lora_fwd_kernel[grid](
+        launch_gemm(
+            _lora_fwd_kernel, FWD_TILES, x2d, block_r, grid,
             x2d, weight, bias if bias is not None else weight, xa, lora_B, y,
             T, N, K, R,
             x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), xa.stride(0), xa.stride(1),
             lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
             scaling_hi, scaling_lo,
             HAS_BIAS=bias is not None, IS_FP64=x2d.dtype == torch.float64,
-            INPUT_PRECISION=_input_precision(x2d.dtype), BLOCK_R=lowrank_blocks(R, x2d.element_size())[0],
+            INPUT_PRECISION=_input_precision(x2d.dtype), BLOCK_R=block_r,
         )
     return y
 
@@ -156,7 +158,8 @@ def lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_p,
             def grid(meta):
                 return (triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
 
-            _lora_bwd_dx_kernel[grid](
+            launch_gemm(
+                _lora_bwd_dx_kernel, DX_TILES, dy, block_r, grid,
                 dy, weight, dxa, lora_A, dx, T, N, K, R,
                 dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), dxa.stride(0), dxa.stride(1),
                 lora_A.stride(0), lora_A.stride(1), dx.stride(0), dx.stride(1),

@@ -15,7 +15,7 @@ def interpreting() -> bool:
 
 
 def autotuning() -> bool:
-    """FUSED_LORA_AUTOTUNE=0 keeps the first config that fits (the test suite on a GPU: fewer compiles)."""
+    """FUSED_LORA_AUTOTUNE=0: no tuning runs, the smallest config that fits (the test suite on a GPU)."""
     return os.environ.get("FUSED_LORA_AUTOTUNE", "1") != "0"
 
 
@@ -86,12 +86,30 @@ def shared_memory_pruner(pointer_arg, tile_dims, reduction_block):
         if len(configs) <= 1 or interpreting():
             return configs
         tensor = named_args[pointer_arg]
-        properties = triton.runtime.driver.active.utils.get_device_properties(tensor.device.index or 0)
-        fitting = fitting_configs(configs, tensor.element_size(), kwargs["BLOCK_R"], properties["max_shared_mem"],
-                                  tile_dims, reduction_block)
-        return fitting if autotuning() else fitting[:1]
+        return fitting_configs(configs, tensor.element_size(), kwargs["BLOCK_R"], shared_memory_limit(tensor.device),
+                               tile_dims, reduction_block)
 
     return prune
+
+
+def shared_memory_limit(device) -> int:
+    """Bytes of shared memory one program may use on ``device`` (a CUDA device)."""
+    return triton.runtime.driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"]
+
+
+def launch_gemm(kernel, tiles, tensor, block_r, grid, *args, **kwargs):
+    """Launch an autotuned GEMM kernel, or, with FUSED_LORA_AUTOTUNE=0 on a GPU, its plain
+    jit function with the smallest config that fits.
+
+    NOTE: Triton 3.6 times even a single config left after pruning; bypassing the
+    autotuner keeps the suite on a GPU to one quick compile per kernel variant.
+    """
+    if autotuning() or interpreting():
+        kernel[grid](*args, **kwargs)
+        return
+    config = fitting_configs(kernel.configs, tensor.element_size(), block_r, shared_memory_limit(tensor.device),
+                             *tiles)[-1]
+    kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
 
 
 @triton.jit

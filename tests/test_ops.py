@@ -6,7 +6,7 @@ import torch
 from fused_lora.backends import backend_ops
 from fused_lora.philox import keep_mask_torch
 
-from conftest import assert_close, make_inputs
+from conftest import DEVICE_BACKENDS, assert_close, make_inputs
 
 SHAPES = [(1, 1, 1, 1), (70, 37, 45, 3), (150, 64, 20, 16), (129, 200, 70, 64)]
 
@@ -58,3 +58,25 @@ def test_reductions_are_deterministic(device_backend):
     again = ops.lora_backward(dy, x, weight, lora_A, lora_B, xa, 1.0, 5, 0.1, True, True, True)
     for name, a, b in zip(("dx", "dA", "dB"), first, again):
         assert torch.equal(a, b), f"{name} is not bit-identical run to run"
+
+
+def test_single_config_launch_without_the_autotuner(monkeypatch):
+    # FUSED_LORA_AUTOTUNE=0 on a GPU launches the plain jit function with the smallest
+    # fitting config; run that path here in the interpreter.
+    from fused_lora.kernels import common
+
+    device = next(d for d, b in DEVICE_BACKENDS if b == "triton")
+    if device.type != "cpu":
+        pytest.skip("checked on CPU under the interpreter; a GPU run takes this path for real")
+    monkeypatch.setenv("FUSED_LORA_AUTOTUNE", "0")
+    monkeypatch.setattr(common, "interpreting", lambda: False)
+    monkeypatch.setattr(common, "shared_memory_limit", lambda device: 232448)
+    ops = backend_ops("triton")
+    x, weight, bias, lora_A, lora_B = make_inputs(70, 40, 36, 3, torch.float64, device)
+    xa = ops.lora_shrink(x, lora_A, 9, 0.2)
+    y = ops.lora_forward(x, weight, bias, lora_B, xa, 0.5)
+    assert_close("y", y, x @ weight.T + bias + 0.5 * xa @ lora_B.T, atol=1e-12, rtol=1e-12)
+    dy = torch.randn(70, 36, dtype=torch.float64)
+    dx, _, _ = ops.lora_backward(dy, x, weight, lora_A, lora_B, xa, 0.5, 9, 0.2, True, False, False)
+    expected = dy @ weight + 0.5 * _dropped((dy @ lora_B) @ lora_A, 9, 0.2)
+    assert_close("dx", dx, expected, atol=1e-11, rtol=1e-11)

@@ -49,6 +49,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="one small case, 3 repeats, a tiny end-to-end model")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end Llama row")
+    parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end Llama row")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--out-dir", default=os.environ.get("OUT") or RESULTS_DIR)
     parser.add_argument("--name", help="file stem (default <device>-<date>)")
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"--providers: unknown {unknown}; expected a subset of {PROVIDERS}")
     repeats = args.repeats or (3 if args.quick else 5)
-    cases = cases_from(args, device)
+    cases = [] if args.e2e_only else cases_from(args, device)
     meta = report.metadata(device)
     stem = args.name or f"{device.type}-{datetime.date.today().isoformat()}"
     os.makedirs(args.out_dir, exist_ok=True)
@@ -92,14 +93,18 @@ def main(argv=None) -> int:
 
     from tqdm import tqdm
 
-    csv_path = os.path.join(args.out_dir, f"{stem}.csv")
-    csv_writer = report.CsvWriter(csv_path, meta)
+    written = []
     rows = []
+    if cases:
+        csv_path = os.path.join(args.out_dir, f"{stem}.csv")
+        csv_writer = report.CsvWriter(csv_path, meta)
+        written.append(csv_path)
     for case in tqdm(cases, desc="cases", unit="case", file=sys.stderr):
         case_rows = run_case(case, providers, device, repeats)
         csv_writer.append(case_rows)
         rows += case_rows
-    print(report.format_table(rows))
+    if rows:
+        print(report.format_table(rows))
 
     e2e_rows = []
     if not args.no_e2e:
@@ -110,7 +115,6 @@ def main(argv=None) -> int:
         print()
         print(e2e.format_rows(e2e_rows))
 
-    written = [csv_path]
     if e2e_rows:
         e2e_path = os.path.join(args.out_dir, f"{stem}-e2e.csv")
         with open(e2e_path, "w", newline="") as f:
@@ -123,7 +127,7 @@ def main(argv=None) -> int:
                                         "cases": len(cases), "providers": providers, "repeats": repeats,
                                         "end_to_end": e2e_rows})
     written.append(json_path)
-    if not args.no_plot:
+    if rows and not args.no_plot:
         from .plot import plot
 
         png_path = os.path.join(args.out_dir, f"{stem}.png")

@@ -39,34 +39,40 @@ export FUSED_LORA_SKIP_EXT=1 TRITON_DEFAULT_FP_FUSION=1 TQDM_DISABLE=1
 } 2>&1 | tee "$log"
 
 status=0
+# Each step has its own time cap; together about 8 minutes at most. Sweeps write their
+# CSV case by case, so a step cut short keeps what it measured.
 if [ "$dry" = "1" ]; then
     tests=(tests/test_reference.py tests/test_backends.py)
-    bench_args=(--device cpu --quick --no-e2e --name "gpu-check-dry-$stamp")
+    sweep_args=(--device cpu --quick --no-e2e --name "gpu-check-dry-$stamp")
+    e2e_args=(--device cpu --quick --e2e-only --name "gpu-check-dry-$stamp-llama")
     compile_args=()
 else
-    # The CUDA cases only: everything else ran on CPU before the machine was asked for.
-    tests=(tests -k cuda)
-    # Everything except torch.compile over the full default GPU sweep; torch.compile (one
-    # compilation per shape) on two T=8192, r=16 shapes only, to stay in the time budget.
-    # Each sweep writes its CSV case by case, so a timeout keeps what was measured.
-    bench_args=(--providers linear,fused_lora,fused_lora_torch,peft,addmm_composite --name "cuda-$stamp")
-    compile_args=(--providers linear,fused_lora,peft,peft_compile --tokens 8192 --ranks 16 \
+    # The CUDA cases only (and the mask's 64-bit test): the rest ran on CPU before.
+    tests=(tests -k "cuda or 64_bit")
+    # Llama-3-8B projections, T 2k and 8k, r 16 and 64, p 0 and 0.1, without torch.compile;
+    # then the end-to-end row; then torch.compile (one compilation per shape) at T=8192,
+    # r=16, p=0.1 on two shapes.
+    sweep_args=(--providers linear,fused_lora,fused_lora_torch,peft,addmm_composite --tokens 2048,8192
+                --shapes 4096x4096,4096x1024,4096x14336,14336x4096 --no-e2e --name "cuda-$stamp")
+    e2e_args=(--e2e-only --name "cuda-$stamp-llama")
+    compile_args=(--providers linear,fused_lora,peft,peft_compile --tokens 8192 --ranks 16 --dropout 0.1
                   --shapes 4096x4096,4096x14336 --no-e2e --name "cuda-$stamp-compile")
 fi
 
-echo "== tests" | tee -a "$log"
-timeout 200 "$py" -m pytest -q -p no:cacheprovider "${tests[@]}" 2>&1 | tee "$out/gpu-tests-$stamp.log" | tail -n 25 \
-    | tee -a "$log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-tail -n 1 "$out/gpu-tests-$stamp.log" > "$out/gpu-tests-summary-$stamp.txt"
+step() {  # step SECONDS TITLE ARGS...: one capped command, logged; a failure marks the run failed
+    local seconds=$1 title=$2
+    shift 2
+    echo "== $title" | tee -a "$log"
+    timeout "$seconds" "$py" "$@" 2>&1 | tee -a "$log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || { status=1; echo "== $title: FAILED or timed out" | tee -a "$log"; }
+}
 
-echo "== benchmark sweep" | tee -a "$log"
-timeout 200 "$py" -m bench --out-dir "$out" "${bench_args[@]}" 2>&1 | tee -a "$log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+step 210 "tests on CUDA" -m pytest -q -p no:cacheprovider "${tests[@]}"
+grep -E "passed|failed|error" "$log" | tail -n 1 > "$out/gpu-tests-summary-$stamp.txt"
+step 150 "benchmark sweep" -m bench --out-dir "$out" "${sweep_args[@]}"
+step 45 "end-to-end Llama" -m bench --out-dir "$out" "${e2e_args[@]}"
 if [ ${#compile_args[@]} -gt 0 ]; then
-    echo "== torch.compile subset" | tee -a "$log"
-    timeout 90 "$py" -m bench --out-dir "$out" "${compile_args[@]}" 2>&1 | tee -a "$log"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    step 60 "torch.compile subset" -m bench --out-dir "$out" "${compile_args[@]}"
 fi
 rm -rf "$site"
 echo "== gpu_check exit status $status; files in $out" | tee -a "$log"

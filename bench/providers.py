@@ -34,10 +34,11 @@ class Weights:
 
     @classmethod
     def random(cls, K, N, r, dtype, adapter_dtype, device, seed=0):
-        gen = torch.Generator().manual_seed(seed)
+        # NOTE: drawn on the device itself: CPU draws moved to a GPU take minutes over a sweep.
+        gen = torch.Generator(device=device).manual_seed(seed)
 
         def rand(*shape, scale, dt):
-            return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dt)
+            return (torch.randn(*shape, generator=gen, device=device) * scale).to(dt)
 
         return cls(rand(N, K, scale=K ** -0.5, dt=dtype), rand(N, scale=0.1, dt=dtype),
                    rand(r, K, scale=K ** -0.5, dt=adapter_dtype), rand(N, r, scale=r ** -0.5, dt=adapter_dtype),
@@ -122,6 +123,11 @@ def build(provider: str, w: Weights, r: int, p: float) -> tuple[nn.Module, str]:
     if provider == "peft":
         return _peft_layer(w, r, p).train(), ""
     if provider == "peft_compile":
+        # NOTE: the GPU timer replays backward with retain_graph=True, which compiled
+        # backwards refuse while they donate buffers.
+        import torch._functorch.config
+
+        torch._functorch.config.donated_buffer = False
         return torch.compile(_peft_layer(w, r, p).train(), dynamic=True), "inductor"
     if provider == "addmm_composite":
         if p > 0:

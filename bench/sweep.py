@@ -37,10 +37,10 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _inputs(case: Case, device, count: int):
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator(device=device).manual_seed(1)
     dtype = DTYPES[case.dtype]
-    return [(torch.randn(case.T, case.K, generator=gen).to(device, dtype).requires_grad_(True),
-             torch.randn(case.T, case.N, generator=gen).to(device, dtype)) for _ in range(count)]
+    return [(torch.randn(case.T, case.K, generator=gen, device=device).to(dtype).requires_grad_(True),
+             torch.randn(case.T, case.N, generator=gen, device=device).to(dtype)) for _ in range(count)]
 
 
 def _status_of(error: Exception) -> str:
@@ -83,7 +83,12 @@ def run_case(case: Case, providers, device, repeats: int, min_seconds: float = 0
         summaries = {name: {m: timing.summarize(v) for m, v in modes.items()} for name, modes in times.items()}
         ratios = timing.paired_ratios(times, BASELINE) if BASELINE in times else {}
     else:
-        summaries = {name: timing.time_cuda(module, inputs, params) for name, (module, params) in contestants.items()}
+        summaries = {}
+        for name, (module, params) in contestants.items():
+            try:
+                summaries[name] = timing.time_cuda(module, inputs, params)
+            except Exception as error:  # the row says so; the sweep goes on
+                status[name] = _status_of(error)
         ratios = {name: {m: tuple(v / summaries[BASELINE][m][0] for v in summaries[name][m]) for m in timing.MODES}
                   for name in summaries} if BASELINE in summaries else {}
 

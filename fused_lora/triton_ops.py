@@ -7,6 +7,7 @@ on CPU tensors under ``TRITON_INTERPRET=1``. The kernels live in the top-level
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -55,15 +56,7 @@ def _target_programs(device: torch.device) -> int:
 
 
 def _with_device(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def keep_mask(seed: int, rows: int, cols: int, dropout_p: float, device) -> torch.Tensor:

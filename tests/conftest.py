@@ -14,7 +14,6 @@ os.environ.pop("FUSED_LORA_BACKEND", None)  # tests choose backends explicitly
 
 import pytest  # noqa: E402
 
-import fused_lora  # noqa: E402
 from fused_lora.backends import _runs_on  # noqa: E402
 
 

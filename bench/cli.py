@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from . import e2e, report
+from . import e2e, latency, report
 from .providers import PROVIDERS
 from .sweep import Case, run_case
 
@@ -45,11 +45,15 @@ def parse_args(argv=None):
     parser.add_argument("--dropout", help="comma-separated p (default 0,0.1)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default fp32 on CPU, bf16 on GPU")
     parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {PROVIDERS}")
-    parser.add_argument("--repeats", type=int, help="timed repeats per case on CPU (default 5; GPU uses do_bench)")
+    parser.add_argument("--repeats", type=int, help="timed repeats per case (default 5 on CPU, 25 on GPU)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="one small case, 3 repeats, a tiny end-to-end model")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end Llama row")
     parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end Llama row")
+    parser.add_argument("--latency", action="store_true",
+                        help="only the latency row: fwd+bwd wall time per call at T=1 and 16 (K=N=4096 on GPU, 64 on CPU)")
+    parser.add_argument("--warm-part", help="i/n: run fused_lora once on part i of n of the cases, untimed, "
+                                            "to fill Triton's cache from several processes first")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--out-dir", default=os.environ.get("OUT") or RESULTS_DIR)
     parser.add_argument("--name", help="file stem (default <device>-<date>)")
@@ -73,6 +77,34 @@ def cases_from(args, device) -> list[Case]:
     return [Case(K, N, T, r, p, dtype) for K, N, T in kn_t for r in ranks for p in dropouts]
 
 
+def warm(cases, providers, device, part: str) -> int:
+    """Run the fused_lora providers once per case of this part (compiles; nothing is timed or written)."""
+    import time
+
+    from .providers import Weights, build, trainable_parameters
+    from .sweep import DTYPES, _inputs
+
+    index, count = (int(v) for v in part.split("/"))
+    started = time.perf_counter()
+    for case in cases[index::count]:
+        dtype = DTYPES[case.dtype]
+        adapter_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        weights = Weights.random(case.K, case.N, case.r, dtype, adapter_dtype, device)
+        (x, dy), = _inputs(case, device, 1)
+        for name in providers:
+            if not name.startswith("fused_lora"):
+                continue
+            module, _ = build(name, weights, case.r, case.p)
+            x.grad = None
+            module(x).backward(dy)
+            del module
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+    print(f"warm part {part}: {len(cases[index::count])} cases in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -83,8 +115,12 @@ def main(argv=None) -> int:
     unknown = sorted(set(providers) - set(PROVIDERS))
     if unknown:
         raise SystemExit(f"--providers: unknown {unknown}; expected a subset of {PROVIDERS}")
-    repeats = args.repeats or (3 if args.quick else 5)
+    repeats = args.repeats or (3 if args.quick else (25 if device.type == "cuda" else 5))
+    if args.latency:
+        return latency.main(args, device, providers if args.providers != ",".join(PROVIDERS) else None)
     cases = [] if args.e2e_only else cases_from(args, device)
+    if args.warm_part:
+        return warm(cases, providers, device, args.warm_part)
     meta = report.metadata(device)
     stem = args.name or f"{device.type}-{datetime.date.today().isoformat()}"
     os.makedirs(args.out_dir, exist_ok=True)

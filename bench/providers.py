@@ -3,10 +3,15 @@
 * ``linear``: a frozen ``nn.Linear`` (only dx in backward): the limit.
 * ``fused_lora``: ``FusedLoRALinear`` with the automatic backend.
 * ``fused_lora_torch``: ``FusedLoRALinear`` forced to the pure-PyTorch backend.
-* ``peft``: PEFT's ``lora.Linear`` (the real peft package).
-* ``peft_compile``: ``torch.compile`` of that PEFT layer.
+* ``peft``: PEFT's ``lora.Linear`` (the real peft package), adapters in the sweep's
+  adapter dtype (fp32 on fp16/bf16 bases: PEFT's default).
+* ``peft_bf16``: the same layer with its adapters in the base dtype (bf16/fp16 bases
+  only: what users who cast the whole model get).
+* ``peft_compile``: ``torch.compile`` of the PEFT layer.
 * ``addmm_composite``: the Unsloth-style composite (addmm_ into the output,
   our own implementation of that strategy); p = 0 only, as in Unsloth.
+* ``eager_composite``: ``F.linear(x, W, b) + F.linear(F.linear(F.dropout(x), A), B) * s``,
+  the plain eager code a LoRA layer replaces (the latency row's yardstick).
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import fused_lora
 from fused_lora.backends import backend_name_for
 
-PROVIDERS = ("linear", "fused_lora", "fused_lora_torch", "peft", "peft_compile", "addmm_composite")
+PROVIDERS = ("linear", "fused_lora", "fused_lora_torch", "peft", "peft_bf16", "peft_compile", "addmm_composite",
+             "eager_composite")
 
 
 @dataclass
@@ -85,6 +92,22 @@ class AddmmComposite(nn.Module):
         return y.view(*x.shape[:-1], -1)
 
 
+class EagerComposite(nn.Module):
+    """The eager composite a LoRA layer replaces: one F.linear each, dropout on the LoRA input."""
+
+    def __init__(self, w: Weights, p: float):
+        super().__init__()
+        self.weight = nn.Parameter(w.weight.clone(), requires_grad=False)
+        self.bias = nn.Parameter(w.bias.clone(), requires_grad=False) if w.bias is not None else None
+        self.lora_A = nn.Parameter(w.lora_A.clone())
+        self.lora_B = nn.Parameter(w.lora_B.clone())
+        self.scaling, self.p = w.scaling, p
+
+    def forward(self, x):
+        lora = F.linear(F.linear(F.dropout(x.to(self.lora_A.dtype), self.p, self.training), self.lora_A), self.lora_B)
+        return F.linear(x, self.weight, self.bias) + (lora * self.scaling).to(x.dtype)
+
+
 def _frozen_linear(w: Weights) -> nn.Linear:
     N, K = w.weight.shape
     linear = nn.Linear(K, N, bias=w.bias is not None, device=w.weight.device, dtype=w.weight.dtype)
@@ -122,12 +145,19 @@ def build(provider: str, w: Weights, r: int, p: float) -> tuple[nn.Module, str]:
         return layer.train(), backend_name_for(device, layer.backend)
     if provider == "peft":
         return _peft_layer(w, r, p).train(), ""
+    if provider == "peft_bf16":
+        if w.weight.dtype not in (torch.float16, torch.bfloat16):
+            raise NotImplementedError("adapters already in the base dtype (same as peft)")
+        base_dtype = Weights(w.weight, w.bias, w.lora_A.to(w.weight.dtype), w.lora_B.to(w.weight.dtype), w.scaling)
+        return _peft_layer(base_dtype, r, p).train(), ""
+    if provider == "eager_composite":
+        return EagerComposite(w, p).train(), ""
     if provider == "peft_compile":
         # NOTE: the GPU timer replays backward with retain_graph=True, which compiled
         # backwards refuse while they donate buffers.
-        import torch._functorch.config
+        from torch._functorch import config as functorch_config
 
-        torch._functorch.config.donated_buffer = False
+        functorch_config.donated_buffer = False
         return torch.compile(_peft_layer(w, r, p).train(), dynamic=True), "inductor"
     if provider == "addmm_composite":
         if p > 0:

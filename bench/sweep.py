@@ -80,17 +80,10 @@ def run_case(case: Case, providers, device, repeats: int, min_seconds: float = 0
 
     if device.type == "cpu":
         times = timing.time_cpu_interleaved(contestants, inputs, repeats, min_seconds=min_seconds)
-        summaries = {name: {m: timing.summarize(v) for m, v in modes.items()} for name, modes in times.items()}
-        ratios = timing.paired_ratios(times, BASELINE) if BASELINE in times else {}
     else:
-        summaries = {}
-        for name, (module, params) in contestants.items():
-            try:
-                summaries[name] = timing.time_cuda(module, inputs, params)
-            except Exception as error:  # the row says so; the sweep goes on
-                status[name] = _status_of(error)
-        ratios = {name: {m: tuple(v / summaries[BASELINE][m][0] for v in summaries[name][m]) for m in timing.MODES}
-                  for name in summaries} if BASELINE in summaries else {}
+        times = timing.time_cuda_interleaved(contestants, inputs, repeats)
+    summaries = {name: {m: timing.summarize(v) for m, v in modes.items()} for name, modes in times.items()}
+    ratios = timing.paired_ratios(times, BASELINE) if BASELINE in times else {}
 
     rows = []
     for name in [BASELINE] + [p for p in providers if p != BASELINE]:

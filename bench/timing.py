@@ -1,4 +1,4 @@
-"""Timers: CPU with time.perf_counter (providers interleaved per repeat), CUDA with do_bench."""
+"""Timers: CPU with time.perf_counter, CUDA with events; providers interleaved per repeat."""
 
 from __future__ import annotations
 
@@ -79,32 +79,71 @@ def paired_ratios(times, baseline):
     return out
 
 
-def time_cuda(module, inputs, params):
-    """{mode: (median, p20, p80) ms} with triton.testing.do_bench (it flushes L2 between runs)."""
-    from triton.testing import do_bench
+def time_cuda_interleaved(contestants, inputs, repeats, warmup=3):
+    """CUDA events around each contestant's forward and backward, providers interleaved per repeat.
 
+    Returns {name: {mode: [seconds per repeat]}} like ``time_cpu_interleaved``. The events
+    time the stream, so a step whose launches outrun the GPU's work measures the GPU, and
+    one whose host path is slower than its kernels measures the host: the wall time a
+    training loop sees. Inputs rotate over repeats; nothing synchronises inside a repeat.
+    """
+    times = {name: {mode: [] for mode in MODES} for name in contestants}
     pool = itertools.cycle(inputs)
-    grads = [x for x, _ in inputs] + list(params)
-
-    def forward():
-        x, _ = next(pool)
-        return module(x)
-
-    def forward_backward():
+    for _ in range(warmup):
         x, dy = next(pool)
+        for module, params in contestants.values():
+            _clear_grads(x, params)
+            module(x).backward(dy)
+    torch.cuda.synchronize()
+    for _ in range(repeats):
+        x, dy = next(pool)
+        events = {}
+        for name, (module, params) in contestants.items():
+            _clear_grads(x, params)
+            marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            marks[0].record()
+            y = module(x)
+            marks[1].record()
+            y.backward(dy)
+            marks[2].record()
+            events[name] = marks
+        torch.cuda.synchronize()
+        for name, (start, middle, end) in events.items():
+            fwd, bwd = start.elapsed_time(middle) / 1e3, middle.elapsed_time(end) / 1e3
+            times[name]["fwd"].append(fwd)
+            times[name]["bwd"].append(bwd)
+            times[name]["fwd+bwd"].append(fwd + bwd)
+    return times
+
+
+def time_latency(contestants, x, dy, device, calls=20, repeats=7, warmup=5):
+    """Wall time per fwd+bwd call, host included: {name: [seconds per call, one per repeat]}.
+
+    Each repeat runs ``calls`` steps back to back and synchronises once at the end, so at
+    tiny T (where the GPU waits for the host) the figure is the host path's cost per call.
+    Providers are interleaved per repeat.
+    """
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step(module, params):
+        _clear_grads(x, params)
         module(x).backward(dy)
 
-    x, dy = inputs[0]
-    y = module(x)
-    # NOTE: 10 ms warm-up and 50 ms of repeats per figure (do_bench's defaults are 25 and
-    # 100): kernels here run 0.05 to 5 ms, and the whole GPU check has 8 minutes.
-    options = dict(warmup=10, rep=50, quantiles=list(QUANTILES), grad_to_none=grads)
-    results = {
-        "fwd": do_bench(forward, **options),
-        "bwd": do_bench(lambda: y.backward(dy, retain_graph=True), **options),
-        "fwd+bwd": do_bench(forward_backward, **options),
-    }
-    return {mode: tuple(values) for mode, values in results.items()}
+    for module, params in contestants.values():
+        for _ in range(warmup):
+            step(module, params)
+    out = {name: [] for name in contestants}
+    for _ in range(repeats):
+        for name, (module, params) in contestants.items():
+            sync()
+            begin = time.perf_counter()
+            for _ in range(calls):
+                step(module, params)
+            sync()
+            out[name].append((time.perf_counter() - begin) / calls)
+    return out
 
 
 def cuda_peak_bytes(module, x, dy, params):

@@ -25,6 +25,19 @@ BACKEND_NAMES = ("triton", "cpu", "torch")
 ENV_VAR = "FUSED_LORA_BACKEND"
 _warned_cpu_fallback = False
 
+# How the triton backend's backward gets the dropout mask: "bits" = the shrink saves it
+# packed, 1 bit per element (T * ceil(K / 8) bytes); "seed" = regenerated from the seed.
+TRITON_MASK_MODES = ("bits", "seed")
+TRITON_MASK_MODE = os.environ.get("FUSED_LORA_DROPOUT_MASK", "bits")
+if TRITON_MASK_MODE not in TRITON_MASK_MODES:
+    raise ValueError(f"environment variable FUSED_LORA_DROPOUT_MASK: expected one of {TRITON_MASK_MODES}, "
+                     f"got {TRITON_MASK_MODE!r}")
+
+
+def saves_keep_bits(backend: str, dropout_p: float) -> bool:
+    """Whether ``backend``'s shrink saves the packed keep mask for backward."""
+    return backend == "triton" and dropout_p > 0.0 and TRITON_MASK_MODE == "bits"
+
 
 def triton_interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -120,7 +133,13 @@ def _warn_cpu_fallback() -> None:
                   "--inplace` (FUSED_LORA_SKIP_EXT=1 skips it).", stacklevel=stacklevel)
 
 
+_OPS: dict[str, ModuleType] = {}
+
+
 def backend_ops(name: str) -> ModuleType:
     """The module implementing a backend's operations (imported on first use)."""
-    module = {"triton": "triton_ops", "cpu": "cpu_ops", "torch": "torch_ops"}[name]
-    return importlib.import_module(f"{__package__}.{module}")
+    ops = _OPS.get(name)
+    if ops is None:
+        module = {"triton": "triton_ops", "cpu": "cpu_ops", "torch": "torch_ops"}[name]
+        ops = _OPS[name] = importlib.import_module(f"{__package__}.{module}")
+    return ops

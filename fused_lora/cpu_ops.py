@@ -27,14 +27,16 @@ def random_uint16(seed: int, start: int, count: int) -> torch.Tensor:
 
 
 def lora_shrink(x2d, lora_A, seed, dropout_p):
-    return _C.lora_shrink(x2d, lora_A, seed, dropout_threshold(dropout_p), dropout_p)
+    seed = int(seed) if dropout_p > 0.0 else 0
+    return _C.lora_shrink(x2d, lora_A, seed, dropout_threshold(dropout_p), dropout_p), None
 
 
 def lora_forward(x2d, weight, bias, lora_B, xa, scaling):
     return _C.lora_forward(x2d, weight, bias, lora_B, xa, scaling)
 
 
-def lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_p,
+def lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_p, keep_bits,
                   needs_dx, needs_dA, needs_dB):
-    return _C.lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed,
-                            dropout_threshold(dropout_p), dropout_p, needs_dx, needs_dA, needs_dB)
+    seed = int(seed) if dropout_p > 0.0 else 0
+    return _C.lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_threshold(dropout_p),
+                            dropout_p, needs_dx, needs_dA, needs_dB)

@@ -1,16 +1,23 @@
-"""The backend operations registered as PyTorch custom ops, so torch.compile can trace around them.
+"""The backend operations registered as PyTorch custom ops, for torch.compile only.
 
 ``torch.library.custom_op`` makes each operation one opaque node in a compiled graph,
 with a fake implementation that only computes output shapes and dtypes (no data), as
 vLLM does for its LoRA kernels. The real implementation dispatches to the chosen
 backend (``fused_lora.torch_ops`` / ``cpu_ops`` / ``triton_ops``; same interface).
 
+Eager calls do not come here: ``FusedLoRAFunction`` calls the backends directly
+(the dispatcher, autograd redispatch and schema checks cost more host time than a
+small layer's kernels). Only while torch.compile traces (``torch.compiler.is_compiling()``)
+does the Function route through these ops.
+
 Differences from the backend interface, to fit custom-op schemas:
 
-* the dropout seed is a 0-d int64 CPU tensor, read inside the op; so drawing it with
+* the dropout seed is a 0-d int64 tensor (on the CPU, or on the input's device for
+  the triton backend, which reads it in its kernels), so drawing it with
   ``torch.randint`` stays in the graph (no ``.item()`` graph break);
-* ``lora_backward`` always returns three tensors; one that was not asked for is an
-  empty (0,) tensor.
+* the packed keep mask of the shrink is an empty (0,) uint8 tensor when the backend
+  saves none, and ``lora_backward`` always returns three tensors, an empty (0,) one
+  for each that was not asked for.
 
 The ops run with autocast disabled: the caller (``fused_lora_linear``) casts the inputs
 to the autocast dtype first, as ``F.linear`` does, and the kernels then keep their own
@@ -24,14 +31,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import backend_ops
+from .backends import backend_ops, saves_keep_bits
 from .torch_ops import accumulation_dtype
 
 LIBRARY = "fused_lora"
 
 
-def _seed_value(seed: Tensor) -> int:
-    return int(seed.item())
+def _seed_arg(seed: Tensor, backend: str):
+    return seed if backend == "triton" else int(seed.item())
 
 
 def _no_autocast(device: torch.device):
@@ -41,15 +48,19 @@ def _no_autocast(device: torch.device):
 
 
 @torch.library.custom_op(f"{LIBRARY}::lora_shrink", mutates_args=())
-def lora_shrink(x2d: Tensor, lora_A: Tensor, seed: Tensor, dropout_p: float, backend: str) -> Tensor:
-    """``xa = D(x) A^T``, (T, r) in the accumulation dtype."""
+def lora_shrink(x2d: Tensor, lora_A: Tensor, seed: Tensor, dropout_p: float, backend: str) -> tuple[Tensor, Tensor]:
+    """``(xa, keep_bits)``: xa = D(x) A^T, (T, r) in the accumulation dtype; keep_bits empty if not saved."""
     with _no_autocast(x2d.device):
-        return backend_ops(backend).lora_shrink(x2d, lora_A, _seed_value(seed), dropout_p)
+        xa, bits = backend_ops(backend).lora_shrink(x2d, lora_A, _seed_arg(seed, backend), dropout_p)
+    return xa, bits if bits is not None else x2d.new_empty((0,), dtype=torch.uint8)
 
 
 @lora_shrink.register_fake
 def _lora_shrink_fake(x2d, lora_A, seed, dropout_p, backend):
-    return x2d.new_empty((x2d.shape[0], lora_A.shape[0]), dtype=accumulation_dtype(x2d.dtype))
+    T, K = x2d.shape
+    xa = x2d.new_empty((T, lora_A.shape[0]), dtype=accumulation_dtype(x2d.dtype))
+    bits_shape = (T, (K + 7) // 8) if saves_keep_bits(backend, dropout_p) else (0,)
+    return xa, x2d.new_empty(bits_shape, dtype=torch.uint8)
 
 
 @torch.library.custom_op(f"{LIBRARY}::lora_forward", mutates_args=())
@@ -67,13 +78,13 @@ def _lora_forward_fake(x2d, weight, bias, lora_B, xa, scaling, backend):
 
 @torch.library.custom_op(f"{LIBRARY}::lora_backward", mutates_args=())
 def lora_backward(dy: Tensor, x2d: Optional[Tensor], weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-                  xa: Tensor, scaling: float, seed: Tensor, dropout_p: float, needs_dx: bool,
-                  needs_dA: bool, needs_dB: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                  xa: Tensor, scaling: float, seed: Tensor, dropout_p: float, keep_bits: Tensor,
+                  needs_dx: bool, needs_dA: bool, needs_dB: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dA, dB)``; each one not asked for is an empty (0,) tensor."""
     with _no_autocast(dy.device):
         dx, dA, dB = backend_ops(backend).lora_backward(
-            dy, x2d, weight, lora_A, lora_B, xa, scaling, _seed_value(seed), dropout_p,
-            needs_dx, needs_dA, needs_dB)
+            dy, x2d, weight, lora_A, lora_B, xa, scaling, _seed_arg(seed, backend), dropout_p,
+            keep_bits if keep_bits.numel() else None, needs_dx, needs_dA, needs_dB)
     # NOTE: a fresh empty tensor for each absent output: custom-op outputs may not alias each other.
     return (dx if dx is not None else dy.new_empty((0,)),
             dA if dA is not None else lora_A.new_empty((0,)),
@@ -81,7 +92,7 @@ def lora_backward(dy: Tensor, x2d: Optional[Tensor], weight: Tensor, lora_A: Ten
 
 
 @lora_backward.register_fake
-def _lora_backward_fake(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_p,
+def _lora_backward_fake(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_p, keep_bits,
                         needs_dx, needs_dA, needs_dB, backend):
     T, K = dy.shape[0], weight.shape[1]
     dx = dy.new_empty((T, K) if needs_dx else (0,))

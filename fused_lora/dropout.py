@@ -8,15 +8,16 @@ from .backends import backend_name_for, backend_ops
 from .checks import MAX_SEED, check_dims, check_dropout_p, check_seed
 
 
-def draw_seed() -> torch.Tensor:
-    """A seed in [0, 2**63) from torch's default CPU generator, as a 0-d int64 CPU tensor.
+def draw_seed(device="cpu") -> torch.Tensor:
+    """A seed in [0, 2**63) from torch's default generator of ``device``, as a 0-d int64 tensor there.
 
     So ``torch.manual_seed`` makes runs repeatable, and activation checkpointing
-    (which restores the CPU RNG state) recomputes the same mask.
+    (which restores the CPU and CUDA RNG states) recomputes the same mask.
     NOTE: staying a tensor (no ``.item()``) keeps the draw inside a torch.compile
-    graph; the operations read it.
+    graph, and on CUDA inside a captured CUDA graph: each replay draws anew (PyTorch
+    advances the generator's offset per replay) and the kernels read the seed there.
     """
-    return torch.randint(0, MAX_SEED - 1, (), dtype=torch.int64)
+    return torch.randint(0, MAX_SEED - 1, (), dtype=torch.int64, device=device)
 
 
 def dropout_mask(seed: int, rows: int, cols: int, dropout_p: float, device="cpu") -> torch.Tensor:

@@ -1,51 +1,99 @@
 """The autograd Function: the only place where autograd lives.
 
-Forward and backward call the backend operations through their custom-op
-registrations (``fused_lora.custom_ops``), so torch.compile traces this Function
-into one graph with the ops as opaque nodes.
+Eager calls go straight to the backend's launchers (``backend_ops(name)``): one
+Python frame per link of the chain, and the launchers' cached plans make each
+call a few dictionary lookups plus the kernel launches. While torch.compile
+traces (``torch.compiler.is_compiling()``) the same operations go through their
+custom-op registrations (``fused_lora.custom_ops``), so the compiled graph holds
+them as opaque nodes with fake implementations and no graph breaks. Both roads
+call the same launchers with the same plans: their results are bit-identical.
 
 Saved for backward: x (a reference to the caller's tensor, no copy; only when
 lora_A needs a gradient), xa = D(x) A^T of shape (T, r) in fp32 (fp64 for fp64
-inputs), and the seed as a 0-d int64 tensor. Never the mask, never D(x):
-backward regenerates the mask from the seed.
+inputs), the seed (an int, or a 0-d int64 tensor that the triton backend reads on
+the device), and, for the triton backend in its default "bits" mask mode, the
+packed keep mask (1 bit per element of x: T * ceil(K / 8) bytes). Never an
+unpacked mask, never D(x).
 """
 
 from __future__ import annotations
 
+import contextlib
+import numbers
+
 import torch
 
 from . import custom_ops
+from .backends import backend_ops, saves_keep_bits
+from .checks import check_seed
+from .torch_ops import accumulation_dtype
 
 
-def seed_tensor(seed) -> torch.Tensor:
-    """The seed as the ops take it: a 0-d int64 CPU tensor (an int is converted)."""
+def seed_argument(seed):
+    """None, an int in [0, 2**63), or a 0-d int64 tensor (checked on the host when it lives there)."""
+    if seed is None:
+        return None
+    if isinstance(seed, torch.Tensor):
+        if seed.dim() != 0 or seed.dtype != torch.int64:
+            raise TypeError(f"seed: expected an int in [0, 2**63) or a 0-d int64 tensor, got a tensor of "
+                            f"shape {tuple(seed.shape)} and dtype {seed.dtype}")
+        if seed.device.type == "cpu" and not torch.compiler.is_compiling():
+            check_seed(int(seed))  # NOTE: a value check would be a host sync on a GPU, and a graph break
+        return seed
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        return check_seed(seed)
+    raise TypeError(f"seed: expected an int in [0, 2**63) or a 0-d int64 tensor, got {type(seed).__name__}")
+
+
+def _seed_tensor(seed) -> torch.Tensor:
+    """The seed as the custom ops take it (compile road)."""
     if isinstance(seed, torch.Tensor):
         return seed
-    return torch.tensor(seed, dtype=torch.int64)
+    return torch.tensor(0 if seed is None else seed, dtype=torch.int64)
+
+
+def _no_autocast(device: torch.device):
+    # NOTE: the caller already cast the inputs as F.linear would; the backends' own torch
+    # ops (the torch backend's mm, the hybrid's addmm_) must not be cast again.
+    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class FusedLoRAFunction(torch.autograd.Function):
     """``y = x W^T + b + scaling * (D(x) A^T) B^T`` with gradients for x, lora_A and lora_B only.
 
-    ``seed``: an int in [0, 2**63) or a 0-d int64 CPU tensor holding one.
+    ``seed``: None (no dropout), an int in [0, 2**63), or a 0-d int64 tensor holding one.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float,
-                seed, backend: str):
-        seed = seed_tensor(seed)
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed, backend: str):
+        seed = seed_argument(seed) if dropout_p > 0.0 else None
         out_features, in_features = weight.shape
         x2d = x.reshape(-1, in_features)
-        if x2d.shape[0] == 0:
-            acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-            xa = x2d.new_zeros((0, lora_A.shape[0]), dtype=acc_dtype)
-            y2d = x2d.new_zeros((0, out_features))
-        else:
-            xa = custom_ops.lora_shrink(x2d, lora_A, seed, dropout_p, backend)
+        rows, rank = x2d.shape[0], lora_A.shape[0]
+        has_bits = saves_keep_bits(backend, dropout_p)
+        bits = None
+        if rows == 0 or x2d.is_meta:
+            # Shapes only: an empty batch, or a model built on the meta device.
+            xa = x2d.new_empty((rows, rank), dtype=accumulation_dtype(x.dtype))
+            bits = x2d.new_empty((rows, (in_features + 7) // 8), dtype=torch.uint8) if has_bits else None
+            y2d = x2d.new_empty((rows, out_features)) if x2d.is_meta else x2d.new_zeros((rows, out_features))
+        elif torch.compiler.is_compiling():
+            seed = _seed_tensor(seed)
+            xa, bits = custom_ops.lora_shrink(x2d, lora_A, seed, dropout_p, backend)
             y2d = custom_ops.lora_forward(x2d, weight, bias, lora_B, xa, scaling, backend)
+            bits = bits if has_bits else None
+        else:
+            ops = backend_ops(backend)
+            with _no_autocast(x2d.device):
+                xa, bits = ops.lora_shrink(x2d, lora_A, seed, dropout_p)
+                y2d = ops.lora_forward(x2d, weight, bias, lora_B, xa, scaling)
         # NOTE: x is needed only for dA; skip the reference when lora_A is frozen.
         needs_dA = ctx.needs_input_grad[3]
-        ctx.save_for_backward(x2d if needs_dA else None, weight, lora_A, lora_B, xa, seed)
+        seed_tensor = seed if isinstance(seed, torch.Tensor) else None
+        ctx.save_for_backward(x2d if needs_dA else None, weight, lora_A, lora_B, xa, seed_tensor, bits)
+        ctx.seed = None if seed_tensor is not None else seed
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p
         ctx.backend = backend
@@ -54,20 +102,27 @@ class FusedLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        x2d, weight, lora_A, lora_B, xa, seed, bits = ctx.saved_tensors
+        if seed is None:
+            seed = ctx.seed
         needs_dx, needs_dA, needs_dB = (ctx.needs_input_grad[0], ctx.needs_input_grad[3],
                                         ctx.needs_input_grad[4])
         out_features, in_features = weight.shape
         dy2d = dy.reshape(-1, out_features)
-        if dy2d.shape[0] == 0:
-            dx = dy2d.new_zeros(ctx.x_shape) if needs_dx else None
+        if dy2d.shape[0] == 0 or dy2d.is_meta:
+            dx = dy2d.new_zeros(ctx.x_shape, dtype=dy.dtype) if needs_dx else None
             dA = torch.zeros_like(lora_A) if needs_dA else None
             dB = torch.zeros_like(lora_B) if needs_dB else None
-        else:
+            return dx, None, None, dA, dB, None, None, None, None
+        if torch.compiler.is_compiling():
+            empty_bits = dy2d.new_empty((0,), dtype=torch.uint8)
             dx, dA, dB = custom_ops.lora_backward(
-                dy2d, x2d, weight, lora_A, lora_B, xa, ctx.scaling, seed, ctx.dropout_p,
-                needs_dx, needs_dA, needs_dB, ctx.backend)
-            dx = dx.view(ctx.x_shape) if needs_dx else None
-            dA = dA if needs_dA else None
-            dB = dB if needs_dB else None
-        return dx, None, None, dA, dB, None, None, None, None
+                dy2d, x2d, weight, lora_A, lora_B, xa, ctx.scaling, _seed_tensor(seed), ctx.dropout_p,
+                bits if bits is not None else empty_bits, needs_dx, needs_dA, needs_dB, ctx.backend)
+        else:
+            with _no_autocast(dy2d.device):
+                dx, dA, dB = backend_ops(ctx.backend).lora_backward(
+                    dy2d, x2d, weight, lora_A, lora_B, xa, ctx.scaling, seed, ctx.dropout_p, bits,
+                    needs_dx, needs_dA, needs_dB)
+        dx = dx.view(ctx.x_shape) if needs_dx else None
+        return dx, None, None, (dA if needs_dA else None), (dB if needs_dB else None), None, None, None, None

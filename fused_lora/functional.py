@@ -7,9 +7,9 @@ import warnings
 import torch
 
 from .backends import backend_name_for
-from .checks import check_dropout_p, check_lora_inputs, check_scaling, check_seed
+from .checks import check_dropout_p, check_lora_inputs, check_scaling
 from .dropout import draw_seed
-from .function import FusedLoRAFunction
+from .function import FusedLoRAFunction, seed_argument
 
 TRITON_MAX_RANK = 256
 _warned_frozen = False
@@ -31,14 +31,17 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         dropout_p: dropout probability on the LoRA branch input, in [0, 1);
             applied only when ``training`` is True.
         seed: int in [0, 2**63) fixing the dropout mask (see
-            ``fused_lora.dropout_mask``); None draws one from torch's default
-            CPU generator, and only when dropout is active.
+            ``fused_lora.dropout_mask``), or a 0-d int64 tensor holding one
+            (read by the kernels on the device: safe to capture in a CUDA
+            graph). None draws one from torch's generator of x's device, and
+            only when dropout is active; on CUDA the draw stays on the GPU, so
+            every replay of a captured graph draws a new mask.
         backend: None (automatic), "triton", "cpu" or "torch".
 
     Returns:
         (..., N) tensor in x's dtype.
     """
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+    if isinstance(x, torch.Tensor) and x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
         x, weight, bias, lora_A, lora_B = _autocast_inputs(x, weight, bias, lora_A, lora_B)
     check_lora_inputs(x, weight, bias, lora_A, lora_B)
     scaling = check_scaling(scaling)
@@ -46,7 +49,7 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if not isinstance(training, bool):
         raise TypeError(f"training: expected a bool, got {type(training).__name__}")
     if seed is not None:
-        seed = check_seed(seed)
+        seed = seed_argument(seed)
     name = _backend_name(x.device, backend)
     if name == "triton" and lora_A.shape[0] > TRITON_MAX_RANK:
         raise ValueError(f"lora_A: the triton backend supports rank r <= {TRITON_MAX_RANK}, "
@@ -58,11 +61,9 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     _warn_if_base_trainable(weight, bias)
 
     if not training or dropout_p == 0.0:
-        dropout_p, seed = 0.0, torch.zeros((), dtype=torch.int64)
+        dropout_p, seed = 0.0, None
     elif seed is None:
-        seed = draw_seed()
-    else:
-        seed = torch.tensor(seed, dtype=torch.int64)
+        seed = draw_seed(x.device)
     return FusedLoRAFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, name)
 
 

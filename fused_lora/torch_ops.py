@@ -8,13 +8,18 @@ of shape (T, K) exist only inside one operation.
 
 Operation interface shared by all backends (2-D tensors, checked by the caller):
 
-* ``lora_shrink(x2d, lora_A, seed, dropout_p) -> xa``: ``D(x) A^T``, (T, r) in
-  the accumulation dtype (fp64 for fp64 inputs, else fp32).
+* ``lora_shrink(x2d, lora_A, seed, dropout_p) -> (xa, keep_bits)``: xa = ``D(x) A^T``,
+  (T, r) in the accumulation dtype (fp64 for fp64 inputs, else fp32); keep_bits
+  the packed keep mask when the backend saves one (the triton backend's "bits"
+  mode), else None.
 * ``lora_forward(x2d, weight, bias, lora_B, xa, scaling) -> y``: (T, N) in x's dtype.
 * ``lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_p,
-  needs_dx, needs_dA, needs_dB) -> (dx, dA, dB)``, None for what is not needed;
-  ``x2d`` may be None when ``needs_dA`` is False.
+  keep_bits, needs_dx, needs_dA, needs_dB) -> (dx, dA, dB)``, None for what is not
+  needed; ``x2d`` may be None when ``needs_dA`` is False.
 * ``keep_mask(seed, rows, cols, dropout_p, device) -> bool (rows, cols)``.
+
+``seed`` is an int or a 0-d int64 tensor (the triton backend reads it on the device;
+the others read it on the host).
 """
 
 from __future__ import annotations
@@ -42,8 +47,8 @@ def _dropped(t: torch.Tensor, seed: int, dropout_p: float, mask: torch.Tensor | 
 def lora_shrink(x2d, lora_A, seed, dropout_p):
     lora_input = x2d.to(lora_A.dtype)
     if dropout_p > 0.0:
-        lora_input = _dropped(lora_input, seed, dropout_p)
-    return torch.mm(lora_input, lora_A.t()).to(accumulation_dtype(x2d.dtype))
+        lora_input = _dropped(lora_input, int(seed), dropout_p)
+    return torch.mm(lora_input, lora_A.t()).to(accumulation_dtype(x2d.dtype)), None
 
 
 def lora_forward(x2d, weight, bias, lora_B, xa, scaling):
@@ -56,9 +61,10 @@ def lora_forward(x2d, weight, bias, lora_B, xa, scaling):
     return y
 
 
-def lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_p,
+def lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_p, keep_bits,
                   needs_dx, needs_dA, needs_dB):
     lora_dtype = lora_A.dtype
+    seed = int(seed) if dropout_p > 0.0 else 0
     dy_lora = dy.to(lora_dtype)
     dx = dA = dB = None
     if needs_dB:

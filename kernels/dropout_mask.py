@@ -4,6 +4,10 @@ Element (i, k) of the flattened (T, K) input has index e = i * K + k (64-bit).
 One Philox4x32-10 call with counter (g mod 2**32, g >> 32, 0, 0), g = e >> 3,
 and key (seed mod 2**32, seed >> 32) gives 128 bits: 16 for each of the 8
 elements e = 8g .. 8g + 7. An element is kept when its 16 bits >= threshold.
+
+The same bits can also travel packed, 1 bit per element: row i of a (T, ceil(K/8))
+uint8 tensor holds element (i, k) in bit k % 8 of byte k // 8 (``_store_keep_bits``
+writes them in the shrink, ``_load_keep_bits`` reads them in backward).
 """
 
 import triton
@@ -47,21 +51,72 @@ def _keep_tile(seed, threshold, offs_m, k_start, K,
 
 
 @triton.jit
+def _store_keep_bits(bits_ptr, stride_bits, keep, offs_m, mask_m, k_start, K,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Pack a (BLOCK_M, BLOCK_K) keep tile into bytes: bit k % 8 of byte k // 8 of its row.
+
+    k_start is a multiple of 8 (BLOCK_K is); columns >= K are stored as dropped.
+    """
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+    keep = keep & (offs_k < K)[None, :]
+    lanes = tl.reshape(keep.to(tl.int32), (BLOCK_M, BLOCK_K // 8, 8))
+    packed = tl.sum(lanes << tl.arange(0, 8)[None, None, :], axis=2)
+    offs_byte = k_start // 8 + tl.arange(0, BLOCK_K // 8)
+    ptrs = bits_ptr + offs_m.to(tl.int64)[:, None] * stride_bits + offs_byte[None, :]
+    tl.store(ptrs, packed.to(tl.uint8), mask=mask_m[:, None] & (offs_byte < (K + 7) // 8)[None, :])
+
+
+@triton.jit
+def _load_keep_bits(bits_ptr, stride_bits, offs_m, offs_k, mask_m, mask_k):
+    """Bool keep tile for rows ``offs_m`` and columns ``offs_k`` from the packed bytes.
+
+    NOTE: each byte is loaded by the 8 lanes that need it (the same address, so one
+    transaction per warp); 1/16 of the bytes of a bf16 tile, against ~40 integer
+    operations per element for a Philox regeneration.
+    """
+    ptrs = bits_ptr + offs_m.to(tl.int64)[:, None] * stride_bits + (offs_k >> 3)[None, :]
+    byte = tl.load(ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0).to(tl.int32)
+    return ((byte >> (offs_k & 7)[None, :]) & 1) != 0
+
+
+@triton.jit
 def _dropout_mask_kernel(
     # pointers
-    out_ptr,  # (T, K) uint8, contiguous: 1 = kept
+    out_ptr,   # (T, K) uint8, contiguous: 1 = kept
+    seed_ptr,  # () int64 seed
     # sizes
     T, K,
     # dropout
-    seed, threshold,
+    threshold,
     # meta-parameters
     K_ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One program: a (BLOCK_M, BLOCK_K) tile of the keep mask. Pointer: out (T, K) uint8."""
+    """One program: a (BLOCK_M, BLOCK_K) tile of the keep mask. Pointers: out (T, K) uint8, seed ()."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
+    seed = tl.load(seed_ptr)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     keep = _keep_tile(seed, threshold, offs_m, pid_k * BLOCK_K, K, BLOCK_M, BLOCK_K, K_ALIGNED)
     ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
     tl.store(ptrs, keep.to(tl.uint8), mask=(offs_m[:, None] < T) & (offs_k[None, :] < K))
+
+
+@triton.jit
+def _unpack_keep_bits_kernel(
+    # pointers
+    out_ptr,   # (T, K) uint8, contiguous: 1 = kept
+    bits_ptr,  # (T, ceil(K / 8)) uint8 packed keep bits
+    # sizes
+    T, K, stride_bits,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Expand packed keep bits to one byte per element (tests and debugging)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_m = offs_m < T
+    mask_k = offs_k < K
+    keep = _load_keep_bits(bits_ptr, stride_bits, offs_m, offs_k, mask_m, mask_k)
+    ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
+    tl.store(ptrs, keep.to(tl.uint8), mask=mask_m[:, None] & mask_k[None, :])

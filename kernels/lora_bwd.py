@@ -1,96 +1,120 @@
-"""Backward: the dy pass (dxa, dB partials), the dx GEMM with the masked expand, dA partials.
+"""Backward: the dy pass (dxa, dB partials), the dx GEMM with the masked expand, dA partials,
+and the fixed-order sum of partials.
 
-Kernel plan steps 3-5 of DESIGN.md. Reductions over T (dB, dA) write one
-partial per block of rows; the launcher sums them in a fixed order, so
-results are bit-identical run to run (no atomics).
+Kernel plan steps 3-5 of DESIGN.md. Reductions (dB and dA over T, dxa over N
+when the dy pass splits N) write one partial per split; ``_sum_partials_kernel``
+adds them in a fixed order, so results are bit-identical run to run (no atomics).
+
+The dropout mask reaches backward either as the seed (``_keep_tile`` regenerates
+it) or as packed keep bits written by the shrink (``MASK_FROM_BITS``); both give
+the same bits.
 """
 
 import triton
 import triton.language as tl
 
-from .common import _grouped_tile, _scalar, _zeros_acc, gemm_configs, shared_memory_pruner
-from .dropout_mask import _keep_tile
+from .common import _grouped_tile, _scalar, _zeros_acc
+from .dropout_mask import _keep_tile, _load_keep_bits
 
 
 @triton.jit
 def _lora_bwd_dy_kernel(
     # pointers
-    dy_ptr,          # (T, N) upstream gradient
-    b_ptr,           # (N, R) lora_B
-    xa_ptr,          # (T, R) saved shrink output, fp32 / fp64
-    dxa_ptr,         # (T, R) output dxa = dy B, fp32 / fp64 (written if NEEDS_DXA)
-    db_partial_ptr,  # (cdiv(T, BLOCK_M), N, R) output dy^T xa per row block (written if NEEDS_DB)
+    dy_ptr,   # (T, N) upstream gradient
+    b_ptr,    # (N, R) lora_B
+    xa_ptr,   # (T, R) saved shrink output, fp32 / fp64
+    dxa_ptr,  # (N_SPLITS, T, R) output: dy B over each column block (written if NEEDS_DXA)
+    db_ptr,   # (M_SPLITS, N, R) output: dy^T xa over each row split (written if NEEDS_DB)
     # sizes
-    T, N, R,
+    T, N, R, rows_per_split,
     # strides
     stride_dym, stride_dyn,
     stride_bn, stride_br,
     stride_xam, stride_xar,
-    stride_dxam, stride_dxar,
-    stride_pb, stride_pn, stride_pr,
+    stride_dxas, stride_dxam, stride_dxar,
+    stride_dbs, stride_dbn, stride_dbr,
     # meta-parameters
     NEEDS_DXA: tl.constexpr, NEEDS_DB: tl.constexpr, IS_FP64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """One program: BLOCK_M rows of dy, read once for both dxa and this block's dB partial."""
-    pid_m = tl.program_id(0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Program (column block j, row split s): reads its part of dy once for both products.
+
+    dxa partial j gets dy[rows, cols_j] B[cols_j] for every row of the split; the dB
+    partial of split s gets dy[rows_s, cols_j]^T xa[rows_s] (accumulated in registers
+    over the split's rows, stored once). A grid of column blocks x row splits keeps
+    every SM busy whatever T is.
+    """
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
-    mask_m = offs_m < T
+    mask_n = offs_n < N
     mask_r = offs_r < R
     dot_dtype = dy_ptr.dtype.element_ty
-    dxa = _zeros_acc(BLOCK_M, BLOCK_R, IS_FP64)
-    if NEEDS_DB:
-        xa = tl.load(xa_ptr + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :] * stride_xar,
-                     mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(dot_dtype)
-    dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym
-    for n_start in range(0, N, BLOCK_N):
-        offs_n = n_start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        dy = tl.load(dy_rows + offs_n[None, :] * stride_dyn, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        if NEEDS_DXA:
-            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                        mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(dot_dtype)
-            dxa = tl.dot(dy, b, dxa, input_precision=INPUT_PRECISION, out_dtype=dxa.dtype)
-        if NEEDS_DB:
-            part = _zeros_acc(BLOCK_N, BLOCK_R, IS_FP64)
-            part = tl.dot(tl.trans(dy), xa, part, input_precision=INPUT_PRECISION, out_dtype=part.dtype)
-            p_ptrs = (db_partial_ptr + pid_m.to(tl.int64) * stride_pb
-                      + offs_n[:, None] * stride_pn + offs_r[None, :] * stride_pr)
-            tl.store(p_ptrs, part, mask=mask_n[:, None] & mask_r[None, :])
     if NEEDS_DXA:
-        dxa_ptrs = dxa_ptr + offs_m.to(tl.int64)[:, None] * stride_dxam + offs_r[None, :] * stride_dxar
-        tl.store(dxa_ptrs, dxa, mask=mask_m[:, None] & mask_r[None, :])
+        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                    mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(dot_dtype)
+    db = _zeros_acc(BLOCK_N, BLOCK_R, IS_FP64)
+    row_start = pid_s * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, T)
+    dxa_split = dxa_ptr + pid_n.to(tl.int64) * stride_dxas
+    for m_start in range(row_start, row_end, BLOCK_M):
+        offs_m = m_start + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < row_end
+        dy = tl.load(dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        if NEEDS_DXA:
+            part = _zeros_acc(BLOCK_M, BLOCK_R, IS_FP64)
+            part = tl.dot(dy, b, part, input_precision=INPUT_PRECISION, out_dtype=part.dtype)
+            tl.store(dxa_split + offs_m.to(tl.int64)[:, None] * stride_dxam + offs_r[None, :] * stride_dxar,
+                     part, mask=mask_m[:, None] & mask_r[None, :])
+        if NEEDS_DB:
+            xa = tl.load(xa_ptr + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :] * stride_xar,
+                         mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(dot_dtype)
+            db = tl.dot(tl.trans(dy), xa, db, input_precision=INPUT_PRECISION, out_dtype=db.dtype)
+    if NEEDS_DB:
+        tl.store(db_ptr + pid_s.to(tl.int64) * stride_dbs + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
+                 db, mask=mask_n[:, None] & mask_r[None, :])
 
 
-def _dx_configs():
-    return gemm_configs(
-        [
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 256, "GROUP_M": 8}, num_stages=3, num_warps=8),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=4),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=4),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=4, num_warps=4),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-        ],
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}),
-    )
+@triton.jit
+def _sum_partials_kernel(
+    # pointers
+    partial_ptr,  # (S, M) partial sums, fp32 / fp64, rows contiguous
+    out_ptr,      # (M,) output, contiguous, any float dtype
+    # sizes
+    S, M, stride_s,
+    # scale as fp32 hi + lo
+    scale_hi, scale_lo,
+    # meta-parameters
+    IS_FP64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """out = scale * sum over s of partial[s], in the order s = 0, 1, ... (deterministic)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M
+    if IS_FP64:
+        acc = tl.zeros((BLOCK,), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    ptrs = partial_ptr + offs
+    for _ in range(0, S):
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += stride_s
+    acc = acc * _scalar(scale_hi, scale_lo, IS_FP64)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# Operand tiles per pipeline stage: dy (BLOCK_M, BLOCK_N) and W (BLOCK_N, BLOCK_K).
-DX_TILES = (("BLOCK_M", "BLOCK_K"), "BLOCK_N")
-
-
-@triton.autotune(configs=_dx_configs(), key=["T", "N", "K", "R", "HAS_DROPOUT", "IS_FP64"],
-                 prune_configs_by={"early_config_prune": shared_memory_pruner("dy_ptr", *DX_TILES)})
 @triton.jit
 def _lora_bwd_dx_kernel(
     # pointers
-    dy_ptr,   # (T, N) upstream gradient
-    w_ptr,    # (N, K) frozen weight
-    dxa_ptr,  # (T, R) dy B, fp32 / fp64
-    a_ptr,    # (R, K) lora_A
-    dx_ptr,   # (T, K) output, x's dtype
+    dy_ptr,    # (T, N) upstream gradient
+    w_ptr,     # (N, K) frozen weight
+    dxa_ptr,   # (T, R) dy B, fp32 / fp64
+    a_ptr,     # (R, K) lora_A
+    dx_ptr,    # (T, K) output, x's dtype
+    seed_ptr,  # () int64 dropout seed (read if HAS_DROPOUT and not MASK_FROM_BITS)
+    bits_ptr,  # (T, ceil(K / 8)) uint8 packed keep mask (read if MASK_FROM_BITS)
     # sizes
     T, N, K, R,
     # strides
@@ -99,14 +123,17 @@ def _lora_bwd_dx_kernel(
     stride_dxam, stride_dxar,
     stride_ar, stride_ak,
     stride_dxm, stride_dxk,
-    # LoRA scaling and dropout (seed, 16-bit threshold, 1/(1-p)); floats as fp32 hi + lo
-    scaling_hi, scaling_lo, seed, threshold, dropout_scale_hi, dropout_scale_lo,
+    stride_bits,
+    # LoRA scaling and dropout (16-bit threshold, 1/(1-p)); floats as fp32 hi + lo
+    scaling_hi, scaling_lo, threshold, dropout_scale_hi, dropout_scale_lo,
     # meta-parameters
-    HAS_DROPOUT: tl.constexpr, K_ALIGNED: tl.constexpr, IS_FP64: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, MASK_FROM_BITS: tl.constexpr, K_ALIGNED: tl.constexpr,
+    IS_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """dx = dy W + scaling * D(dxa A): the mask is regenerated once per dx element."""
+    """dx = dy W + scaling * D(dxa A): one program per (BLOCK_M, BLOCK_K) tile of dx; the
+    reduction over N runs in BLOCK_N steps. Launched with N = 0 it writes only the masked
+    expand (the first half of the cuBLAS hybrid)."""
     pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     k_start = pid_k * BLOCK_K
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -126,10 +153,14 @@ def _lora_bwd_dx_kernel(
     acc = _zeros_acc(BLOCK_M, BLOCK_K, IS_FP64)
     scaling = _scalar(scaling_hi, scaling_lo, IS_FP64)
     acc = tl.dot((dxa * scaling).to(dot_dtype), a.to(dot_dtype), acc,
-        input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+                 input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
     if HAS_DROPOUT:
-        keep = _keep_tile(seed, threshold, offs_m, k_start, K, BLOCK_M, BLOCK_K, K_ALIGNED)
-        acc = tl.where(keep, acc * _scalar(dropout_scale_hi, dropout_scale_lo, IS_FP64), 0.0)
+        if MASK_FROM_BITS:
+            keep = _load_keep_bits(bits_ptr, stride_bits, offs_m, offs_k, mask_m, mask_k)
+        else:
+            keep = _keep_tile(tl.load(seed_ptr), threshold, offs_m, k_start, K, BLOCK_M, BLOCK_K, K_ALIGNED)
+        # NOTE: multiplied by 0.0, not selected away: NaN/Inf spread as in PEFT.
+        acc = acc * tl.where(keep, _scalar(dropout_scale_hi, dropout_scale_lo, IS_FP64), 0.0)
 
     dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym
     w_cols = w_ptr + offs_k[None, :] * stride_wk
@@ -146,22 +177,110 @@ def _lora_bwd_dx_kernel(
 
 
 @triton.jit
+def _lora_bwd_dx_tma_kernel(
+    # tensor descriptors
+    dy_desc,   # (T, N) upstream gradient, block (BLOCK_M, BLOCK_N)
+    w_desc,    # (N, K) frozen weight, block (BLOCK_N, BLOCK_K)
+    dx_desc,   # (T, K) output, block (BLOCK_M, BLOCK_K), or BLOCK_K // 2 with EPILOGUE_SUBTILE
+    # pointers
+    dxa_ptr,   # (T, R) dy B, fp32
+    a_ptr,     # (R, K) lora_A
+    seed_ptr,  # () int64 dropout seed (read if HAS_DROPOUT and not MASK_FROM_BITS)
+    bits_ptr,  # (T, ceil(K / 8)) uint8 packed keep mask (read if MASK_FROM_BITS)
+    # sizes
+    T, N, K, R,
+    # strides
+    stride_dxam, stride_dxar,
+    stride_ar, stride_ak,
+    stride_bits,
+    # LoRA scaling and dropout (16-bit threshold, 1/(1-p))
+    scaling, threshold, dropout_scale,
+    # meta-parameters
+    HAS_DROPOUT: tl.constexpr, MASK_FROM_BITS: tl.constexpr, K_ALIGNED: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, EPILOGUE_SUBTILE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    """Persistent TMA version of ``_lora_bwd_dx_kernel`` (sm_90+, 16-bit, aligned rows).
+
+    Output tiles (BLOCK_M, BLOCK_K) of dx in grouped order; the N loop is TMA loads
+    and wgmma only; the masked expand joins in the epilogue.
+    """
+    start_pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(T, BLOCK_M)
+    num_pid_k = tl.cdiv(K, BLOCK_K)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_k
+    dot_dtype = dy_desc.dtype
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    if HAS_DROPOUT:
+        if not MASK_FROM_BITS:
+            seed = tl.load(seed_ptr)
+
+    tile_id_c = start_pid - NUM_PROGRAMS
+    for tile_id in tl.range(start_pid, num_tiles, NUM_PROGRAMS, flatten=True, warp_specialize=WARP_SPECIALIZE):
+        pid_m, pid_k = _grouped_tile(tile_id, num_pid_m, num_pid_k, GROUP_M)
+        offs_am = pid_m * BLOCK_M
+        offs_wk = pid_k * BLOCK_K
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for ni in range(n_tiles):
+            offs_n = ni * BLOCK_N
+            dy = dy_desc.load([offs_am, offs_n])
+            w = w_desc.load([offs_n, offs_wk])
+            acc = tl.dot(dy, w, acc)
+
+        tile_id_c += NUM_PROGRAMS
+        pid_m, pid_k = _grouped_tile(tile_id_c, num_pid_m, num_pid_k, GROUP_M)
+        k_start = pid_k * BLOCK_K
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        mask_m = offs_m < T
+        mask_k = offs_k < K
+        dxa = tl.load(dxa_ptr + offs_m.to(tl.int64)[:, None] * stride_dxam + offs_r[None, :] * stride_dxar,
+                      mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+        lora = tl.dot((dxa * scaling).to(dot_dtype), a.to(dot_dtype))
+        if HAS_DROPOUT:
+            if MASK_FROM_BITS:
+                keep = _load_keep_bits(bits_ptr, stride_bits, offs_m, offs_k, mask_m, mask_k)
+            else:
+                keep = _keep_tile(seed, threshold, offs_m, k_start, K, BLOCK_M, BLOCK_K, K_ALIGNED)
+            # NOTE: the keep tile arrives in another register layout than the dot's result;
+            # as fp16 0/1 its conversion needs half the shared memory of an fp32 scale tile
+            # (what lets a 128x256 tile with subtiled stores fit on sm_90).
+            lora = lora * keep.to(tl.float16).to(tl.float32) * dropout_scale
+        acc += lora
+        if EPILOGUE_SUBTILE:
+            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_K // 2)), (0, 2, 1))
+            acc0, acc1 = tl.split(halves)
+            dx_desc.store([pid_m * BLOCK_M, k_start], acc0.to(dot_dtype))
+            dx_desc.store([pid_m * BLOCK_M, k_start + BLOCK_K // 2], acc1.to(dot_dtype))
+        else:
+            dx_desc.store([pid_m * BLOCK_M, k_start], acc.to(dot_dtype))
+
+
+@triton.jit
 def _lora_bwd_da_kernel(
     # pointers
     dxa_ptr,         # (T, R) dy B, fp32 / fp64
     x_ptr,           # (T, K) saved input
     da_partial_ptr,  # (SPLITS, R, K) output: dxa^T D(x) over each split's rows
+    seed_ptr,        # () int64 dropout seed (read if HAS_DROPOUT and not MASK_FROM_BITS)
+    bits_ptr,        # (T, ceil(K / 8)) uint8 packed keep mask (read if MASK_FROM_BITS)
     # sizes
     T, K, R, rows_per_split,
     # strides
     stride_dxam, stride_dxar,
     stride_xm, stride_xk,
     stride_ps, stride_pr, stride_pk,
-    # dropout: seed, 16-bit threshold, 1/(1-p) as fp32 hi + lo
-    seed, threshold, dropout_scale_hi, dropout_scale_lo,
+    stride_bits,
+    # dropout: 16-bit threshold, 1/(1-p) as fp32 hi + lo
+    threshold, dropout_scale_hi, dropout_scale_lo,
     # meta-parameters
-    HAS_DROPOUT: tl.constexpr, K_ALIGNED: tl.constexpr, IS_FP64: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, MASK_FROM_BITS: tl.constexpr, K_ALIGNED: tl.constexpr,
+    IS_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Program (k block, split): partial dA over rows [split * rows_per_split, +rows_per_split)."""
@@ -174,7 +293,10 @@ def _lora_bwd_da_kernel(
     mask_r = offs_r < R
     dot_dtype = x_ptr.dtype.element_ty
     acc = _zeros_acc(BLOCK_R, BLOCK_K, IS_FP64)
-    dropout_scale = _scalar(dropout_scale_hi, dropout_scale_lo, IS_FP64)
+    if HAS_DROPOUT:
+        dropout_scale = _scalar(dropout_scale_hi, dropout_scale_lo, IS_FP64)
+        if not MASK_FROM_BITS:
+            seed = tl.load(seed_ptr)
     row_start = pid_s * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, T)
     for m_start in range(row_start, row_end, BLOCK_M):
@@ -183,8 +305,11 @@ def _lora_bwd_da_kernel(
         x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = _keep_tile(seed, threshold, offs_m, k_start, K, BLOCK_M, BLOCK_K, K_ALIGNED)
-            x = tl.where(keep, x * dropout_scale, 0.0).to(dot_dtype)
+            if MASK_FROM_BITS:
+                keep = _load_keep_bits(bits_ptr, stride_bits, offs_m, offs_k, mask_m, mask_k)
+            else:
+                keep = _keep_tile(seed, threshold, offs_m, k_start, K, BLOCK_M, BLOCK_K, K_ALIGNED)
+            x = (x * tl.where(keep, dropout_scale, 0.0)).to(dot_dtype)
         dxa_t = tl.load(dxa_ptr + offs_m.to(tl.int64)[None, :] * stride_dxam + offs_r[:, None] * stride_dxar,
                         mask=mask_r[:, None] & mask_m[None, :], other=0.0).to(dot_dtype)
         acc = tl.dot(dxa_t, x, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)

@@ -1,30 +1,21 @@
-"""Forward step 2: y = x W^T + b + scaling * xa B^T in one accumulator (kernel plan 2)."""
+"""Forward step 2: y = x W^T + b + scaling * xa B^T in one accumulator (kernel plan 2).
+
+Two kernels compute it:
+
+* ``_lora_fwd_kernel``: pointer loads, one program per output tile; any strides,
+  any GPU, and the interpreter. Launched with K = 0 it writes only the low-rank
+  term and the bias: the first half of the cuBLAS hybrid (the launcher then adds
+  x W^T with ``addmm_``).
+* ``_lora_fwd_tma_kernel``: Hopper (sm_90+) and 16-bit inputs whose rows are
+  16-byte aligned; tensor descriptors (TMA) and a persistent tile loop.
+"""
 
 import triton
 import triton.language as tl
 
-from .common import _grouped_tile, _scalar, _zeros_acc, gemm_configs, shared_memory_pruner
+from .common import _grouped_tile, _scalar, _zeros_acc
 
 
-def _fwd_configs():
-    return gemm_configs(
-        [
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
-        ],
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}),
-    )
-
-
-# Operand tiles per pipeline stage: x (BLOCK_M, BLOCK_K) and W^T (BLOCK_K, BLOCK_N).
-FWD_TILES = (("BLOCK_M", "BLOCK_N"), "BLOCK_K")
-
-
-@triton.autotune(configs=_fwd_configs(), key=["T", "N", "K", "R", "IS_FP64"],
-                 prune_configs_by={"early_config_prune": shared_memory_pruner("x_ptr", *FWD_TILES)})
 @triton.jit
 def _lora_fwd_kernel(
     # pointers
@@ -71,7 +62,7 @@ def _lora_fwd_kernel(
                   mask=mask_r[:, None] & mask_n[None, :], other=0.0)
     acc = _zeros_acc(BLOCK_M, BLOCK_N, IS_FP64)
     acc = tl.dot((xa * scaling).to(dot_dtype), b_t.to(dot_dtype), acc,
-        input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+                 input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
 
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
@@ -87,3 +78,77 @@ def _lora_fwd_kernel(
         acc += bias[None, :].to(acc.dtype)
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _lora_fwd_tma_kernel(
+    # tensor descriptors
+    x_desc,    # (T, K) input, block (BLOCK_M, BLOCK_K)
+    w_desc,    # (N, K) frozen weight, block (BLOCK_N, BLOCK_K)
+    y_desc,    # (T, N) output, block (BLOCK_M, BLOCK_N), or BLOCK_N // 2 with EPILOGUE_SUBTILE
+    # pointers
+    bias_ptr,  # (N,) frozen bias (unused unless HAS_BIAS)
+    xa_ptr,    # (T, R) shrink output, fp32
+    b_ptr,     # (N, R) lora_B
+    # sizes
+    T, N, K, R,
+    # strides
+    stride_xam, stride_xar,
+    stride_bn, stride_br,
+    # LoRA scaling
+    scaling,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, EPILOGUE_SUBTILE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    """Persistent: program p computes tiles p, p + NUM_PROGRAMS, ... of y (grouped order).
+
+    The K loop is pure TMA loads and wgmma; the low-rank expand (a rank-BLOCK_R dot
+    from xa and lora_B, pointer loads) and the bias join the accumulator in the
+    epilogue, before the single store of the tile.
+    """
+    start_pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(T, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_tiles = num_pid_m * num_pid_n
+    dot_dtype = x_desc.dtype
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+
+    # NOTE: the epilogue recomputes its tile from its own counter (tile_id_c), as in
+    # Triton's persistent-matmul tutorial, so the flattened loop pipelines cleanly.
+    tile_id_c = start_pid - NUM_PROGRAMS
+    for tile_id in tl.range(start_pid, num_tiles, NUM_PROGRAMS, flatten=True, warp_specialize=WARP_SPECIALIZE):
+        pid_m, pid_n = _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        offs_am = pid_m * BLOCK_M
+        offs_bn = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            offs_k = ki * BLOCK_K
+            x = x_desc.load([offs_am, offs_k])
+            w = w_desc.load([offs_bn, offs_k])
+            acc = tl.dot(x, w.T, acc)
+
+        tile_id_c += NUM_PROGRAMS
+        pid_m, pid_n = _grouped_tile(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < T
+        mask_n = offs_n < N
+        xa = tl.load(xa_ptr + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :] * stride_xar,
+                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        b_t = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                      mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot((xa * scaling).to(dot_dtype), b_t.to(dot_dtype), acc)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+            acc += bias[None, :].to(tl.float32)
+        if EPILOGUE_SUBTILE:
+            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+            acc0, acc1 = tl.split(halves)
+            y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc0.to(dot_dtype))
+            y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2], acc1.to(dot_dtype))
+        else:
+            y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(dot_dtype))

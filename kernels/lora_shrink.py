@@ -4,30 +4,35 @@ import triton
 import triton.language as tl
 
 from .common import _scalar, _zeros_acc
-from .dropout_mask import _keep_tile
+from .dropout_mask import _keep_tile, _store_keep_bits
 
 
 @triton.jit
 def _lora_shrink_kernel(
     # pointers
-    x_ptr,   # (T, K) input, any strides
-    a_ptr,   # (R, K) lora_A
-    xa_ptr,  # (T, R) output, fp32 (fp64 for fp64 x)
+    x_ptr,     # (T, K) input, any strides
+    a_ptr,     # (R, K) lora_A
+    xa_ptr,    # (T, R) output, fp32 (fp64 for fp64 x)
+    seed_ptr,  # () int64 dropout seed (read if HAS_DROPOUT)
+    bits_ptr,  # (T, ceil(K / 8)) uint8 output: packed keep mask (written if STORE_BITS)
     # sizes
     T, K, R,
     # strides
     stride_xm, stride_xk,
     stride_ar, stride_ak,
     stride_xam, stride_xar,
-    # dropout: seed, 16-bit threshold, 1/(1-p) as fp32 hi + lo
-    seed, threshold, dropout_scale_hi, dropout_scale_lo,
+    stride_bits,
+    # dropout: 16-bit threshold, 1/(1-p) as fp32 hi + lo
+    threshold, dropout_scale_hi, dropout_scale_lo,
     # meta-parameters
-    HAS_DROPOUT: tl.constexpr, K_ALIGNED: tl.constexpr, IS_FP64: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, STORE_BITS: tl.constexpr, K_ALIGNED: tl.constexpr,
+    IS_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """One program: BLOCK_M rows of xa. Reads x once; the mask lives in registers only.
+    """One program: BLOCK_M rows of xa. Reads x once; the mask lives in registers (and,
+    with STORE_BITS, leaves as 1 bit per element for backward).
 
+    Pointers: x (T, K), a = lora_A (R, K), xa (T, R), seed (), bits (T, ceil(K/8)).
     BLOCK_R >= 16 pads the rank for tl.dot (masked loads, r itself is any value).
     """
     pid_m = tl.program_id(0)
@@ -37,7 +42,9 @@ def _lora_shrink_kernel(
     mask_r = offs_r < R
     dot_dtype = x_ptr.dtype.element_ty
     acc = _zeros_acc(BLOCK_M, BLOCK_R, IS_FP64)
-    dropout_scale = _scalar(dropout_scale_hi, dropout_scale_lo, IS_FP64)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+        dropout_scale = _scalar(dropout_scale_hi, dropout_scale_lo, IS_FP64)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     for k_start in range(0, K, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
@@ -45,7 +52,11 @@ def _lora_shrink_kernel(
         x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if HAS_DROPOUT:
             keep = _keep_tile(seed, threshold, offs_m, k_start, K, BLOCK_M, BLOCK_K, K_ALIGNED)
-            x = tl.where(keep, x * dropout_scale, 0.0).to(dot_dtype)
+            if STORE_BITS:
+                _store_keep_bits(bits_ptr, stride_bits, keep, offs_m, mask_m, k_start, K, BLOCK_M, BLOCK_K)
+            # NOTE: a dropped element is multiplied by 0.0, not selected away, so NaN/Inf
+            # in x spread exactly as in PEFT and F.dropout.
+            x = (x * tl.where(keep, dropout_scale, 0.0)).to(dot_dtype)
         # lora_A^T tile (BLOCK_K, BLOCK_R), cast to x's dtype for the tensor-core dot.
         a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                     mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(dot_dtype)

@@ -41,13 +41,17 @@ def test_custom_ops_have_fake_implementations():
     with torch._subclasses.FakeTensorMode():
         x, A, B, W = torch.empty(7, 5), torch.empty(3, 5), torch.empty(6, 3), torch.empty(6, 5)
         seed = torch.zeros((), dtype=torch.int64)
-        xa = torch.ops.fused_lora.lora_shrink(x, A, seed, 0.1, "torch")
-        assert xa.shape == (7, 3) and xa.dtype == torch.float32
+        xa, bits = torch.ops.fused_lora.lora_shrink(x, A, seed, 0.1, "torch")
+        assert xa.shape == (7, 3) and xa.dtype == torch.float32 and bits.shape == (0,)
         y = torch.ops.fused_lora.lora_forward(x.half(), W.half(), None, B, xa, 2.0, "torch")
         assert y.shape == (7, 6) and y.dtype == torch.float16
-        dx, dA, dB = torch.ops.fused_lora.lora_backward(torch.empty(7, 6), x, W, A, B, xa, 2.0, seed, 0.1,
+        dx, dA, dB = torch.ops.fused_lora.lora_backward(torch.empty(7, 6), x, W, A, B, xa, 2.0, seed, 0.1, bits,
                                                          True, False, True, "torch")
         assert (dx.shape, dA.shape, dB.shape) == ((7, 5), (0,), (6, 3))
+        # The triton backend saves the packed keep mask (its default "bits" mode): 1 bit per element.
+        _, bits = torch.ops.fused_lora.lora_shrink(x, A, seed, 0.1, "triton")
+        expected = (7, 1) if fused_lora.backends.TRITON_MASK_MODE == "bits" else (0,)
+        assert bits.shape == expected and bits.dtype == torch.uint8
 
 
 def test_compiled_graphs_hold_the_custom_ops():
@@ -98,6 +102,30 @@ def test_compiled_matches_eager_forward_and_backward(device_backend):
     for name, a, e in zip(["y", "dx", "first.lora_A", "first.lora_B", "second.lora_A", "second.lora_B"],
                           compiled, eager):
         assert_close(name, a, e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_eager_and_compiled_roads_are_bit_identical(device_backend, p):
+    # Eager calls go Function -> launchers; compiled ones Function -> custom ops -> the same
+    # launchers and plans. Same seed, same inputs: the same bits.
+    device, backend = device_backend
+    torch.manual_seed(0)
+    weight, bias = torch.randn(12, 20, device=device), torch.randn(12, device=device)
+    A, B, x = torch.randn(4, 20, device=device), torch.randn(12, 4, device=device), torch.randn(9, 20, device=device)
+
+    def fn(x_, a_, b_):
+        return fused_lora_linear(x_, weight, bias, a_, b_, 0.5, p, seed=1234, backend=backend)
+
+    def run(f):
+        inputs = [t.clone().requires_grad_(True) for t in (x, A, B)]
+        y = f(*inputs)
+        y.pow(2).sum().backward()
+        return [y.detach()] + [t.grad for t in inputs]
+
+    torch._dynamo.reset()
+    for name, a, e in zip(("y", "dx", "dA", "dB"), run(torch.compile(fn, backend="aot_eager", fullgraph=True)),
+                          run(fn)):
+        assert torch.equal(a, e), f"{name} differs between the compiled and the eager road"
 
 
 def test_compiled_dropout_with_explicit_seed_matches_eager():

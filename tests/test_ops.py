@@ -1,20 +1,41 @@
-"""The backend operations (launchers) one by one, against eager PyTorch on the same inputs."""
+"""The backend operations (launchers) one by one, against eager PyTorch on the same inputs;
+the triton launchers' strategies (pointer, TMA, cuBLAS hybrid), mask modes and plan cache."""
 
 import pytest
 import torch
 
+import fused_lora
+from fused_lora import backends
 from fused_lora.backends import backend_ops
 from fused_lora.philox import keep_mask_torch
 
 from conftest import DEVICE_BACKENDS, assert_close, make_inputs
 
 SHAPES = [(1, 1, 1, 1), (70, 37, 45, 3), (150, 64, 20, 16), (129, 200, 70, 64)]
+TRITON_DEVICES = [d for d, b in DEVICE_BACKENDS if b == "triton"]
 
 
 def _dropped(x, seed, p):
     if p == 0.0:
         return x
     return x * keep_mask_torch(seed, *x.shape, p).to(x.device) / (1 - p)
+
+
+def _expected(x, weight, bias, lora_A, lora_B, dy, seed, p, scaling):
+    """Eager fp64 y, dx, dA, dB (xa from the same eager math)."""
+    x, weight, lora_A, lora_B, dy = (t.double() for t in (x, weight, lora_A, lora_B, dy))
+    xa = _dropped(x, seed, p) @ lora_A.T
+    y = x @ weight.T + scaling * xa @ lora_B.T + (0 if bias is None else bias.double())
+    dxa = dy @ lora_B
+    return {"xa": xa, "y": y, "dx": dy @ weight + scaling * _dropped(dxa @ lora_A, seed, p),
+            "dA": scaling * dxa.T @ _dropped(x, seed, p), "dB": scaling * dy.T @ xa}
+
+
+def _close(name, actual, expected, rel):
+    """Error scaled to the reference's magnitude: |a - e| <= rel * max|e| everywhere."""
+    bound = rel * max(expected.abs().max().item(), 1e-30)
+    err = (actual.double() - expected).abs().max().item()
+    assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} ({rel:g} of max |reference|)"
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
@@ -26,8 +47,9 @@ def test_operations_against_eager(device_backend, T, K, N, r, p):
     seed, scaling = 2 ** 40 + 17, 0.5
     dy = torch.randn(T, N, dtype=torch.float64, device=device)
 
-    xa = ops.lora_shrink(x, lora_A, seed, p)
+    xa, bits = ops.lora_shrink(x, lora_A, seed, p)
     assert xa.shape == (T, r) and xa.dtype == torch.float64
+    assert bits is None or (backend == "triton" and p > 0)
     assert_close("xa", xa, _dropped(x, seed, p) @ lora_A.T, atol=1e-12, rtol=1e-12)
 
     y = ops.lora_forward(x, weight, bias, lora_B, xa, scaling)
@@ -40,7 +62,7 @@ def test_operations_against_eager(device_backend, T, K, N, r, p):
         "dB": scaling * dy.T @ xa,
     }
     for needs in [(True, True, True), (True, False, False), (False, True, False), (False, False, True)]:
-        results = ops.lora_backward(dy, x, weight, lora_A, lora_B, xa, scaling, seed, p, *needs)
+        results = ops.lora_backward(dy, x, weight, lora_A, lora_B, xa, scaling, seed, p, bits, *needs)
         for name, wanted, got in zip(("dx", "dA", "dB"), needs, results):
             if wanted:
                 assert_close(name, got, expected[name], atol=1e-11, rtol=1e-11)
@@ -52,31 +74,137 @@ def test_reductions_are_deterministic(device_backend):
     device, backend = device_backend
     ops = backend_ops(backend)
     x, weight, bias, lora_A, lora_B = make_inputs(300, 64, 40, 8, torch.float32, device)
-    xa = ops.lora_shrink(x, lora_A, 5, 0.1)
+    xa, bits = ops.lora_shrink(x, lora_A, 5, 0.1)
     dy = torch.randn(300, 40, device=device)
-    first = ops.lora_backward(dy, x, weight, lora_A, lora_B, xa, 1.0, 5, 0.1, True, True, True)
-    again = ops.lora_backward(dy, x, weight, lora_A, lora_B, xa, 1.0, 5, 0.1, True, True, True)
+    first = ops.lora_backward(dy, x, weight, lora_A, lora_B, xa, 1.0, 5, 0.1, bits, True, True, True)
+    again = ops.lora_backward(dy, x, weight, lora_A, lora_B, xa, 1.0, 5, 0.1, bits, True, True, True)
     for name, a, b in zip(("dx", "dA", "dB"), first, again):
         assert torch.equal(a, b), f"{name} is not bit-identical run to run"
 
 
-def test_single_config_launch_without_the_autotuner(monkeypatch):
-    # FUSED_LORA_AUTOTUNE=0 on a GPU launches the plain jit function with the smallest
-    # fitting config; run that path here in the interpreter.
-    from fused_lora.kernels import common
+def test_seed_tensor_and_int_seed_give_the_same_result(device_backend):
+    device, backend = device_backend
+    ops = backend_ops(backend)
+    x, weight, bias, lora_A, lora_B = make_inputs(40, 24, 16, 4, torch.float32, device)
+    seed = 2 ** 35 + 3
+    from_int, _ = ops.lora_shrink(x, lora_A, seed, 0.4)
+    from_tensor, _ = ops.lora_shrink(x, lora_A, torch.tensor(seed, device=device), 0.4)
+    assert torch.equal(from_int, from_tensor)
 
-    device = next(d for d, b in DEVICE_BACKENDS if b == "triton")
-    if device.type != "cpu":
-        pytest.skip("checked on CPU under the interpreter; a GPU run takes this path for real")
-    monkeypatch.setenv("FUSED_LORA_AUTOTUNE", "0")
-    monkeypatch.setattr(common, "interpreting", lambda: False)
-    monkeypatch.setattr(common, "shared_memory_limit", lambda device: 232448)
+
+# ----------------------------------------------------------------------------- triton launchers
+
+@pytest.fixture
+def triton_ops():
+    if not TRITON_DEVICES:
+        pytest.skip("triton cannot run here")
     ops = backend_ops("triton")
-    x, weight, bias, lora_A, lora_B = make_inputs(70, 40, 36, 3, torch.float64, device)
-    xa = ops.lora_shrink(x, lora_A, 9, 0.2)
-    y = ops.lora_forward(x, weight, bias, lora_B, xa, 0.5)
-    assert_close("y", y, x @ weight.T + bias + 0.5 * xa @ lora_B.T, atol=1e-12, rtol=1e-12)
-    dy = torch.randn(70, 36, dtype=torch.float64)
-    dx, _, _ = ops.lora_backward(dy, x, weight, lora_A, lora_B, xa, 0.5, 9, 0.2, True, False, False)
-    expected = dy @ weight + 0.5 * _dropped((dy @ lora_B) @ lora_A, 9, 0.2)
-    assert_close("dx", dx, expected, atol=1e-11, rtol=1e-11)
+    ops.clear_plans()
+    yield ops
+    ops.clear_plans()
+
+
+def _triton_device():
+    return TRITON_DEVICES[0]
+
+
+def _run_all(ops, x, weight, bias, lora_A, lora_B, dy, seed, p, scaling):
+    xa, bits = ops.lora_shrink(x, lora_A, seed, p)
+    y = ops.lora_forward(x, weight, bias, lora_B, xa, scaling)
+    dx, dA, dB = ops.lora_backward(dy, x, weight, lora_A, lora_B, xa, scaling, seed, p, bits, True, True, True)
+    return {"xa": xa, "y": y, "dx": dx, "dA": dA, "dB": dB}, bits
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("T,K,N,r", [(70, 40, 48, 3), (33, 64, 96, 16)])
+def test_triton_tma_kernels(triton_ops, monkeypatch, T, K, N, r, p):
+    # On CPU the interpreter runs the persistent TMA kernels when asked to; on a GPU
+    # with sm_90 they are the default for fp16/bf16.
+    device = _triton_device()
+    if device.type == "cpu":
+        monkeypatch.setenv("FUSED_LORA_FORCE_TMA", "1")
+    elif torch.cuda.get_device_capability(device)[0] < 9:
+        pytest.skip("TMA needs sm_90")
+    x, weight, bias, lora_A, lora_B = make_inputs(T, K, N, r, torch.float16, device, adapter_dtype=torch.float32)
+    dy = torch.randn(T, N, device=device).half()
+    got, _ = _run_all(triton_ops, x, weight, bias, lora_A, lora_B, dy, 77, p, 0.75)
+    plans = list(triton_ops._FORWARD_PLANS.plans.values()) + list(triton_ops._BACKWARD_PLANS.plans.values())
+    labels = [getattr(plan, "label", None) or plan.dx_label for plan in plans]
+    assert all(label.startswith("tma:") for label in labels), labels
+    want = _expected(x, weight, bias, lora_A, lora_B, dy, 77, p, 0.75)
+    for name in got:
+        _close(name, got[name], want[name], 8e-3)  # fp16 outputs and operands: ~2**-11 each, summed
+
+
+def test_triton_hybrid_strategy(triton_ops, monkeypatch):
+    # The cuBLAS hybrid (a Triton kernel writes the low-rank term, addmm_ adds the base GEMM).
+    device = _triton_device()
+    original = triton_ops._gemm_candidates
+
+    def hybrid_only(*args, **kwargs):
+        if device.type == "cpu":
+            config = triton_ops.INTERPRETER_GEMM_CONFIG
+            return [("hybrid", "hybrid", config)]
+        return [c for c in original(*args, **kwargs) if c[1] == "hybrid"]
+
+    monkeypatch.setattr(triton_ops, "_gemm_candidates", hybrid_only)
+    x, weight, bias, lora_A, lora_B = make_inputs(50, 40, 36, 5, torch.float32, device)
+    dy = torch.randn(50, 36, device=device)
+    got, _ = _run_all(triton_ops, x, weight, bias, lora_A, lora_B, dy, 3, 0.2, 1.5)
+    assert list(triton_ops._FORWARD_PLANS.plans.values())[0].label == "hybrid"
+    assert list(triton_ops._BACKWARD_PLANS.plans.values())[0].dx_label == "hybrid"
+    want = _expected(x, weight, bias, lora_A, lora_B, dy, 3, 0.2, 1.5)
+    for name in got:
+        _close(name, got[name], want[name], 1e-5)  # fp32: ~1e-7 per product, summed over <= 50 terms
+
+
+def test_triton_keep_bits_mode_and_seed_mode_agree(triton_ops, monkeypatch):
+    device = _triton_device()
+    x, weight, bias, lora_A, lora_B = make_inputs(45, 36, 20, 4, torch.float32, device)
+    dy = torch.randn(45, 20, device=device)
+    results = {}
+    for mode in backends.TRITON_MASK_MODES:
+        monkeypatch.setattr(backends, "TRITON_MASK_MODE", mode)
+        triton_ops.clear_plans()
+        results[mode], bits = _run_all(triton_ops, x, weight, bias, lora_A, lora_B, dy, 11, 0.35, 0.5)
+        assert (bits is not None) == (mode == "bits")
+    for name in results["bits"]:
+        assert torch.equal(results["bits"][name], results["seed"][name]), name
+
+
+@pytest.mark.parametrize("K", [24, 37])
+def test_triton_keep_bits_hold_the_dropout_mask(triton_ops, K):
+    device = _triton_device()
+    x = torch.randn(19, K, device=device)
+    lora_A = torch.randn(2, K, device=device)
+    _, bits = triton_ops.lora_shrink(x, lora_A, 2 ** 33 + 1, 0.45)
+    assert bits.dtype == torch.uint8 and bits.shape == (19, (K + 7) // 8)
+    expected = fused_lora.dropout_mask(2 ** 33 + 1, 19, K, 0.45)
+    assert torch.equal(triton_ops.unpack_keep_bits(bits, K).cpu(), expected)
+    # The padding bits of each row's last byte are zero (dropped), so the bytes are deterministic.
+    if K % 8:
+        assert (bits[:, -1].cpu().int() >> (K % 8)).eq(0).all()
+
+
+def test_triton_plans_are_reused_and_bounded(triton_ops, monkeypatch):
+    device = _triton_device()
+    x, weight, bias, lora_A, lora_B = make_inputs(20, 16, 12, 2, torch.float32, device)
+    triton_ops.lora_forward(x, weight, bias, lora_B, triton_ops.lora_shrink(x, lora_A, 1, 0.1)[0], 1.0)
+    count = triton_ops.plan_count()
+    assert count == 2
+    triton_ops.lora_forward(x, weight, bias, lora_B, triton_ops.lora_shrink(x, lora_A, 2, 0.1)[0], 1.0)
+    assert triton_ops.plan_count() == count, "a second call with the same signature built a new plan"
+    for cache in (triton_ops._SHRINK_PLANS, triton_ops._FORWARD_PLANS, triton_ops._BACKWARD_PLANS):
+        monkeypatch.setattr(cache, "size", 3)
+    for rows in range(21, 28):
+        xs = torch.randn(rows, 16, device=device)
+        triton_ops.lora_shrink(xs, lora_A, 1, 0.1)
+    assert len(triton_ops._SHRINK_PLANS) <= 3
+
+
+def test_triton_out_of_range_scaling_is_refused_not_garbled(triton_ops):
+    device = _triton_device()
+    x, weight, bias, lora_A, lora_B = make_inputs(4, 8, 6, 2, torch.float64, device)
+    xa, _ = triton_ops.lora_shrink(x, lora_A, 1, 0.0)
+    with pytest.raises(ValueError, match="scaling"):
+        triton_ops.lora_forward(x, weight, bias, lora_B, xa, 1e39)

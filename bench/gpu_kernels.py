@@ -1,0 +1,336 @@
+"""python -m bench.gpu_kernels: fused_lora's kernels one by one on a CUDA GPU.
+
+* ``gemm``: each GEMM strategy (every TMA config, the pointer kernel, the cuBLAS
+  hybrid) for the forward y and the backward dx, against ``torch.mm`` on the same
+  problem (CUDA events, interleaved repeats, medians).
+* ``skinny``: the bandwidth-bound kernels (shrink, dy pass, dA, sums) under a few
+  block shapes, per-kernel device time from torch.profiler, against one read of the
+  tensor each must read.
+* ``profile``: one fwd+bwd step at the default settings, every kernel's device time
+  (torch.profiler ``key_averages`` sorted by device time), for p = 0 and p = 0.1 in
+  both mask modes, beside a frozen nn.Linear.
+
+``--warm-part i/n`` runs part i of n of the same work once, untimed: several such
+processes compile the kernel variants in parallel into Triton's cache first.
+Writes <out-dir>/<name>.json and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
+TOKENS = 8192
+RANK = 16
+SKINNY_VARIANTS = [  # (shrink, dy pass, dA): (BLOCK_M, BLOCK_K or BLOCK_N, warps, stages)
+    None,  # the launcher's heuristics
+    ((16, 256, 4, 3), (32, 256, 4, 2), (64, 128, 4, 3)),
+    ((32, 128, 4, 3), (64, 128, 4, 2), (32, 128, 4, 3)),
+    ((64, 128, 8, 3), (128, 256, 8, 2), (128, 128, 8, 3)),
+]
+
+
+def _tensors(K, N, T=TOKENS, r=RANK, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rand(*shape, scale=1.0, dtype=torch.bfloat16):
+        return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(dtype)
+
+    return dict(x=rand(T, K), dy=rand(T, N), W=rand(N, K, scale=K ** -0.5), b=rand(N, scale=0.1),
+                A=rand(r, K, scale=K ** -0.5, dtype=torch.float32), B=rand(N, r, scale=r ** -0.5, dtype=torch.float32))
+
+
+def _event_times(fns: dict, repeats=20, warmup=3):
+    """{label: median ms}: CUDA events around each call, labels interleaved per repeat."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    torch.cuda.synchronize()
+    samples = {label: [] for label in fns}
+    for _ in range(repeats):
+        marks = {}
+        for label, fn in fns.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            marks[label] = (start, end)
+        torch.cuda.synchronize()
+        for label, (start, end) in marks.items():
+            samples[label].append(start.elapsed_time(end))
+    return {label: statistics.median(v) for label, v in samples.items()}
+
+
+def gemm_items(shapes):
+    """(name, build) pairs; build() returns {label: fn} (compiles on first call of each fn)."""
+    from fused_lora import triton_ops as ops
+    from fused_lora.kernels.common import POINTER_GEMM_CONFIGS, TMA_GEMM_CONFIGS
+
+    items = []
+    for K, N in shapes:
+        configs = list(range(len(TMA_GEMM_CONFIGS))) if (K, N) == (4096, 4096) else [0, 1, 2]
+
+        def forward(K=K, N=N, configs=configs):
+            t = _tensors(K, N)
+            xa, _ = ops.lora_shrink(t["x"], t["A"], None, 0.0)
+            plan = ops._ForwardPlan(t["x"], t["W"], t["b"], t["B"], xa, 2.0)
+            y = torch.empty(t["x"].shape[0], N, dtype=torch.bfloat16, device="cuda")
+            fns = {"torch.mm": lambda: torch.mm(t["x"], t["W"].t()),
+                   "F.linear": lambda: torch.nn.functional.linear(t["x"], t["W"], t["b"])}
+            strategies = [(f"tma:{TMA_GEMM_CONFIGS[i].label()}", "tma", TMA_GEMM_CONFIGS[i]) for i in configs]
+            strategies += [(f"pointer:{POINTER_GEMM_CONFIGS[0].label()}", "pointer", POINTER_GEMM_CONFIGS[0]),
+                           ("hybrid", "hybrid", POINTER_GEMM_CONFIGS[0])]
+            for label, kind, config in strategies:
+                strategy = plan._build(kind, config, t["x"], t["W"], t["B"], xa, 2.0)
+                fns[label] = lambda s=strategy: s(t["x"], t["W"], t["b"], t["B"], xa, y)
+            return fns, t
+
+        items.append((f"fwd {K}->{N}", forward))
+        for mode in ("none", "bits", "seed"):
+            def backward(K=K, N=N, configs=configs, mode=mode):
+                t = _tensors(K, N)
+                p = 0.0 if mode == "none" else 0.1
+                from_bits = mode == "bits"
+                xa, bits = ops.lora_shrink(t["x"], t["A"], torch.tensor(7, device="cuda"), p)
+                bits = bits if from_bits else None
+                plan = ops._BackwardPlan(t["dy"], t["x"], t["W"], t["A"], t["B"], xa, 2.0, p, from_bits,
+                                         True, False, False)
+                seed = torch.tensor(7, device="cuda")
+                dxa = torch.randn(TOKENS, RANK, device="cuda")
+                dx = torch.empty(TOKENS, K, dtype=torch.bfloat16, device="cuda")
+                fns = {"torch.mm": lambda: torch.mm(t["dy"], t["W"])}
+                strategies = [(f"tma:{TMA_GEMM_CONFIGS[i].label()}", "tma", TMA_GEMM_CONFIGS[i]) for i in configs]
+                strategies += [(f"pointer:{POINTER_GEMM_CONFIGS[0].label()}", "pointer", POINTER_GEMM_CONFIGS[0]),
+                               ("hybrid", "hybrid", POINTER_GEMM_CONFIGS[0])]
+                for label, kind, config in strategies:
+                    strategy = plan._build_dx(kind, config, t["dy"], t["W"], t["A"], plan.dx_args)
+                    fns[label] = lambda s=strategy: s(t["dy"], t["W"], dxa, t["A"], seed, bits, dx)
+                return fns, t
+
+            items.append((f"dx {K}->{N} mask={mode}", backward))
+    return items
+
+
+def run_gemm(items, warm):
+    rows = []
+    for name, build in items:
+        fns, _ = build()
+        ok = {}
+        for label, fn in fns.items():
+            try:
+                fn()
+                torch.cuda.synchronize()
+                ok[label] = fn
+            except Exception as error:  # noqa: BLE001 - a config that does not compile or fit
+                rows.append(dict(item=name, strategy=label, ms=None, status=f"{type(error).__name__}: {error}"[:200]))
+        if warm or not ok:
+            continue
+        times = _event_times(ok)
+        base = times.get("torch.mm")
+        for label, ms in times.items():
+            rows.append(dict(item=name, strategy=label, ms=ms, vs_torch_mm=None if base is None else ms / base,
+                             status="ok"))
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _profile_step(module, x, dy, steps=10):
+    from torch.profiler import ProfilerActivity, profile
+
+    params = [q for q in module.parameters() if q.requires_grad]
+
+    def step():
+        x.grad = None
+        for q in params:
+            q.grad = None
+        module(x).backward(dy)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    rows = []
+    for e in events:
+        device_us = getattr(e, "device_time_total", None)
+        if device_us is None:
+            device_us = getattr(e, "cuda_time_total", 0)
+        self_device = getattr(e, "self_device_time_total", None)
+        if self_device is None:
+            self_device = getattr(e, "self_cuda_time_total", 0)
+        if self_device > 0 and e.device_type is not None and "CUDA" in str(e.device_type):
+            rows.append(dict(kernel=e.key, calls_per_step=e.count / steps, us_per_step=self_device / steps))
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return rows, prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+
+
+def _layer(K, N, p, t):
+    import fused_lora
+
+    linear = torch.nn.Linear(K, N, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(t["W"])
+        linear.bias.copy_(t["b"])
+    layer = fused_lora.FusedLoRALinear.from_linear(linear, r=RANK, lora_alpha=2 * RANK, lora_dropout=p)
+    layer.lora_A.data = t["A"].clone()
+    layer.lora_B.data = t["B"].clone()
+    return layer.train(), linear.requires_grad_(False)
+
+
+def skinny_items():
+    items = []
+    for index, variant in enumerate(SKINNY_VARIANTS):
+        for mode in ("none", "bits", "seed"):
+            items.append((f"skinny variant {index} mask={mode}", (variant, mode)))
+    return items
+
+
+def run_skinny(items, warm):
+    from fused_lora import backends
+    from fused_lora import triton_ops as ops
+
+    rows = []
+    K = N = 4096
+    t = _tensors(K, N)
+    x = t["x"].clone().requires_grad_(True)
+    for name, (variant, mode) in items:
+        ops.CONFIG_OVERRIDES.clear()
+        if variant is not None:
+            ops.CONFIG_OVERRIDES.update(shrink=variant[0], dy=variant[1], da=variant[2])
+        backends.TRITON_MASK_MODE = "seed" if mode == "seed" else "bits"
+        ops.clear_plans()
+        layer, _ = _layer(K, N, 0.0 if mode == "none" else 0.1, t)
+        try:
+            if warm:
+                layer(x).backward(t["dy"])
+                torch.cuda.synchronize()
+                continue
+            kernels, _ = _profile_step(layer, x, t["dy"], steps=5)
+        except Exception as error:  # noqa: BLE001
+            rows.append(dict(item=name, variant=str(variant), status=f"{type(error).__name__}: {error}"[:200]))
+            continue
+        for k in kernels:
+            if "lora" in k["kernel"] or "sum_partials" in k["kernel"]:
+                rows.append(dict(item=name, variant=str(variant), status="ok", **k))
+    ops.CONFIG_OVERRIDES.clear()
+    backends.TRITON_MASK_MODE = "bits"
+    ops.clear_plans()
+    return rows
+
+
+def run_profiles(warm):
+    """Default settings, 4096->4096, T=8192: per-kernel tables for p=0, p=0.1 (bits, seed), and nn.Linear."""
+    from fused_lora import backends
+    from fused_lora import triton_ops as ops
+
+    out = {}
+    K = N = 4096
+    t = _tensors(K, N)
+    x = t["x"].clone().requires_grad_(True)
+    for label, p, mode in (("p=0", 0.0, "bits"), ("p=0.1 bits", 0.1, "bits"), ("p=0.1 seed", 0.1, "seed")):
+        backends.TRITON_MASK_MODE = mode
+        ops.clear_plans()
+        layer, linear = _layer(K, N, p, t)
+        if warm:
+            layer(x).backward(t["dy"])
+            continue
+        rows, table = _profile_step(layer, x, t["dy"])
+        # Wall time of the same step, events, against the frozen linear (interleaved).
+        def step(module=layer):
+            x.grad = None
+            module(x).backward(t["dy"])
+        times = _event_times({"fused_lora": step, "linear": lambda: step(linear)}, repeats=25)
+        out[label] = dict(kernels=rows, table=table, step_ms=times["fused_lora"], linear_ms=times["linear"],
+                          ratio=times["fused_lora"] / times["linear"], choices={str(k): v for k, v in
+                                                                                ops.tuned_choices().items()})
+    if not warm:
+        rows, table = _profile_step(linear, x, t["dy"])
+        out["nn.Linear"] = dict(kernels=rows, table=table)
+    backends.TRITON_MASK_MODE = "bits"
+    ops.clear_plans()
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_kernels", description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="gemm,skinny,profile")
+    parser.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
+    parser.add_argument("--warm-part", help="i/n: run part i of n once, untimed (fills Triton's cache)")
+    parser.add_argument("--out-dir", default=os.environ.get("OUT") or ".")
+    parser.add_argument("--name", default="gpu-kernels")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench.gpu_kernels needs a CUDA GPU", file=sys.stderr)
+        return 2
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
+    parts = args.parts.split(",")
+    warm = args.warm_part is not None
+    index, count = (int(v) for v in args.warm_part.split("/")) if warm else (0, 1)
+    os.environ.setdefault("FUSED_LORA_AUTOTUNE", "0")
+
+    def mine(items):
+        return [item for i, item in enumerate(items) if i % count == index]
+
+    started = time.perf_counter()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if "gemm" in parts:
+        result["gemm"] = run_gemm(mine(gemm_items(shapes)), warm)
+    if "skinny" in parts:
+        result["skinny"] = run_skinny(mine(skinny_items()), warm)
+    if "profile" in parts and index == 0:
+        result["profile"] = run_profiles(warm)
+    if warm:
+        print(f"warm part {args.warm_part}: {time.perf_counter() - started:.1f}s")
+        return 0
+    import triton
+
+    result["triton"] = triton.__version__
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, f"{args.name}.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print(format_result(result))
+    return 0
+
+
+def format_result(result) -> str:
+    lines = []
+    if result.get("gemm"):
+        lines.append(f"{'GEMM':<34} {'strategy':<36} {'ms':>8} {'x torch.mm':>11}")
+        for row in result["gemm"]:
+            if row["status"] != "ok":
+                lines.append(f"{row['item']:<34} {row['strategy']:<36} {row['status'][:60]}")
+            else:
+                ratio = "-" if row["vs_torch_mm"] is None else f"{row['vs_torch_mm']:.3f}"
+                lines.append(f"{row['item']:<34} {row['strategy']:<36} {row['ms']:>8.3f} {ratio:>11}")
+    if result.get("skinny"):
+        lines.append("")
+        lines.append(f"{'skinny kernels (4096->4096, T=8192)':<34} {'kernel':<36} {'us/step':>8} {'calls':>6}")
+        for row in result["skinny"]:
+            if row["status"] != "ok":
+                lines.append(f"{row['item']:<34} {row['status'][:80]}")
+            else:
+                lines.append(f"{row['item']:<34} {row['kernel'][:36]:<36} {row['us_per_step']:>8.1f} "
+                             f"{row['calls_per_step']:>6.1f}")
+    for label, prof in (result.get("profile") or {}).items():
+        lines.append("")
+        head = f"profile {label}"
+        if "ratio" in prof:
+            head += f": step {prof['step_ms']:.3f} ms, nn.Linear {prof['linear_ms']:.3f} ms, ratio {prof['ratio']:.3f}"
+        lines.append(head)
+        for row in prof["kernels"][:14]:
+            lines.append(f"  {row['kernel'][:70]:<70} {row['us_per_step']:>8.1f} us {row['calls_per_step']:>5.1f}x")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -82,10 +82,10 @@ fi
 if [ "$stage" = "all" ] || [ "$stage" = "check" ]; then
     if [ "$parts" -gt 0 ]; then
         # The tests run while the cache warms (the machine has more cores than either needs).
-        (timeout -k 5 240 "$py" -m pytest -q -p no:cacheprovider "${tests[@]}" > "$results/tests.log" 2>&1;
+        (timeout -k 5 200 "$py" -m pytest -q -p no:cacheprovider "${tests[@]}" > "$results/tests.log" 2>&1;
          echo "exit $?" >> "$results/tests.log") &
         tests_pid=$!
-        step 240 "compile in parallel (warm Triton's cache)" "$py" -m bench.warm --parts "$parts" --latency \
+        step 200 "compile in parallel (warm Triton's cache)" "$py" -m bench.warm --parts "$parts" --latency \
             "${headline[@]}"
         wait "$tests_pid"
         echo "== tests on CUDA:" | tee -a "$log"
@@ -95,10 +95,10 @@ if [ "$stage" = "all" ] || [ "$stage" = "check" ]; then
         step 240 "tests" "$py" -m pytest -q -p no:cacheprovider "${tests[@]}"
     fi
     if [ "$parts" -gt 0 ]; then
-        step 150 "kernels one by one (GEMMs vs torch.mm, skinny passes, per-kernel profile)" \
+        step 140 "kernels one by one (GEMMs vs torch.mm, skinny passes, per-kernel profile)" \
             "$py" -m bench.gpu_kernels --out-dir "$results"
     fi
-    step 60 "latency (fwd+bwd per call at T=1 and 16)" "$py" -m bench --latency --out-dir "$results" \
+    step 50 "latency (fwd+bwd per call at T=1 and 16)" "$py" -m bench --latency --out-dir "$results" \
         $( [ "$dry" = "1" ] && echo "--device cpu --repeats 2" )
     step 120 "headline sweep (T=8192, r=16)" "$py" -m bench --out-dir "$results" --name headline "${headline[@]}"
 fi

@@ -34,9 +34,13 @@ if TRITON_MASK_MODE not in TRITON_MASK_MODES:
                      f"got {TRITON_MASK_MODE!r}")
 
 
-def saves_keep_bits(backend: str, dropout_p: float) -> bool:
-    """Whether ``backend``'s shrink saves the packed keep mask for backward."""
-    return backend == "triton" and dropout_p > 0.0 and TRITON_MASK_MODE == "bits"
+def saves_keep_bits(backend: str, dropout_p: float, dtype) -> bool:
+    """Whether ``backend``'s shrink saves the packed keep mask for backward.
+
+    NOTE: not for fp64 (gradcheck's dtype, where speed does not matter): Triton 3.6 fails to
+    lower the fp64 dA kernel that reads the bits (an fp64 MMA it does not support).
+    """
+    return backend == "triton" and dropout_p > 0.0 and TRITON_MASK_MODE == "bits" and dtype != torch.float64
 
 
 def triton_interpret_mode() -> bool:

@@ -59,7 +59,7 @@ def lora_shrink(x2d: Tensor, lora_A: Tensor, seed: Tensor, dropout_p: float, bac
 def _lora_shrink_fake(x2d, lora_A, seed, dropout_p, backend):
     T, K = x2d.shape
     xa = x2d.new_empty((T, lora_A.shape[0]), dtype=accumulation_dtype(x2d.dtype))
-    bits_shape = (T, (K + 7) // 8) if saves_keep_bits(backend, dropout_p) else (0,)
+    bits_shape = (T, (K + 7) // 8) if saves_keep_bits(backend, dropout_p, x2d.dtype) else (0,)
     return xa, x2d.new_empty(bits_shape, dtype=torch.uint8)
 
 

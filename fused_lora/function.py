@@ -25,7 +25,7 @@ import torch
 
 from . import custom_ops
 from .backends import backend_ops, saves_keep_bits
-from .checks import check_seed
+from .checks import MAX_SEED, check_seed
 from .torch_ops import accumulation_dtype
 
 
@@ -33,6 +33,8 @@ def seed_argument(seed):
     """None, an int in [0, 2**63), or a 0-d int64 tensor (checked on the host when it lives there)."""
     if seed is None:
         return None
+    if type(seed) is int and 0 <= seed < MAX_SEED:
+        return seed
     if isinstance(seed, torch.Tensor):
         if seed.dim() != 0 or seed.dtype != torch.int64:
             raise TypeError(f"seed: expected an int in [0, 2**63) or a 0-d int64 tensor, got a tensor of "
@@ -68,11 +70,17 @@ class FusedLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed, backend: str):
-        seed = seed_argument(seed) if dropout_p > 0.0 else None
+        if dropout_p > 0.0:
+            if seed is not None and type(seed) is not torch.Tensor:
+                seed = seed_argument(seed)
+            elif seed is not None and (seed.dim() or seed.dtype != torch.int64 or seed.device.type == "cpu"):
+                seed = seed_argument(seed)  # checks the value where that costs no device sync
+        else:
+            seed = None
         out_features, in_features = weight.shape
-        x2d = x.reshape(-1, in_features)
+        x2d = x if x.dim() == 2 else x.reshape(-1, in_features)
         rows, rank = x2d.shape[0], lora_A.shape[0]
-        has_bits = saves_keep_bits(backend, dropout_p)
+        has_bits = saves_keep_bits(backend, dropout_p, x.dtype)
         bits = None
         if rows == 0 or x2d.is_meta:
             # Shapes only: an empty batch, or a model built on the meta device.
@@ -98,7 +106,7 @@ class FusedLoRAFunction(torch.autograd.Function):
         ctx.dropout_p = dropout_p
         ctx.backend = backend
         ctx.x_shape = x.shape
-        return y2d.view(*x.shape[:-1], out_features)
+        return y2d if x.dim() == 2 else y2d.view(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, dy):
@@ -108,7 +116,7 @@ class FusedLoRAFunction(torch.autograd.Function):
         needs_dx, needs_dA, needs_dB = (ctx.needs_input_grad[0], ctx.needs_input_grad[3],
                                         ctx.needs_input_grad[4])
         out_features, in_features = weight.shape
-        dy2d = dy.reshape(-1, out_features)
+        dy2d = dy if dy.dim() == 2 else dy.reshape(-1, out_features)
         if dy2d.shape[0] == 0 or dy2d.is_meta:
             dx = dy2d.new_zeros(ctx.x_shape, dtype=dy.dtype) if needs_dx else None
             dA = torch.zeros_like(lora_A) if needs_dA else None
@@ -124,5 +132,5 @@ class FusedLoRAFunction(torch.autograd.Function):
                 dx, dA, dB = backend_ops(ctx.backend).lora_backward(
                     dy2d, x2d, weight, lora_A, lora_B, xa, ctx.scaling, seed, ctx.dropout_p, bits,
                     needs_dx, needs_dA, needs_dB)
-        dx = dx.view(ctx.x_shape) if needs_dx else None
+        dx = (dx if len(ctx.x_shape) == 2 else dx.view(ctx.x_shape)) if needs_dx else None
         return dx, None, None, (dA if needs_dA else None), (dB if needs_dB else None), None, None, None, None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -41,29 +42,36 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     Returns:
         (..., N) tensor in x's dtype.
     """
-    if isinstance(x, torch.Tensor) and x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
-        x, weight, bias, lora_A, lora_B = _autocast_inputs(x, weight, bias, lora_A, lora_B)
+    if isinstance(x, torch.Tensor):
+        device = x.device
+        if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+            x, weight, bias, lora_A, lora_B = _autocast_inputs(x, weight, bias, lora_A, lora_B)
     check_lora_inputs(x, weight, bias, lora_A, lora_B)
-    scaling = check_scaling(scaling)
-    dropout_p = check_dropout_p(dropout_p)
-    if not isinstance(training, bool):
+    # NOTE: the common case (Python floats in range) skips the generic checks' ABC isinstance calls.
+    if type(scaling) is not float or not -math.inf < scaling < math.inf:
+        scaling = check_scaling(scaling)
+    if type(dropout_p) is not float or not 0.0 <= dropout_p < 1.0:
+        dropout_p = check_dropout_p(dropout_p)
+    if training is not True and training is not False:
         raise TypeError(f"training: expected a bool, got {type(training).__name__}")
     if seed is not None:
         seed = seed_argument(seed)
-    name = _backend_name(x.device, backend)
-    if name == "triton" and lora_A.shape[0] > TRITON_MAX_RANK:
-        raise ValueError(f"lora_A: the triton backend supports rank r <= {TRITON_MAX_RANK}, "
-                         f"got r={lora_A.shape[0]}")
-    if name == "triton" and x.device.type == "cpu" and x.dtype == torch.bfloat16:
-        # NOTE: Triton's interpreter computes bf16 silently wrong; refuse rather than return garbage.
-        raise ValueError("x: bfloat16 on CPU is not supported by the triton backend (Triton's interpreter "
-                         "computes bf16 wrongly); use backend='torch' or CUDA tensors")
-    _warn_if_base_trainable(weight, bias)
+    name = _backend_name(device, backend)
+    if name == "triton":
+        if lora_A.shape[0] > TRITON_MAX_RANK:
+            raise ValueError(f"lora_A: the triton backend supports rank r <= {TRITON_MAX_RANK}, "
+                             f"got r={lora_A.shape[0]}")
+        if device.type == "cpu" and x.dtype == torch.bfloat16:
+            # NOTE: Triton's interpreter computes bf16 silently wrong; refuse rather than return garbage.
+            raise ValueError("x: bfloat16 on CPU is not supported by the triton backend (Triton's interpreter "
+                             "computes bf16 wrongly); use backend='torch' or CUDA tensors")
+    if not _warned_frozen and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        _warn_if_base_trainable(weight, bias)
 
     if not training or dropout_p == 0.0:
         dropout_p, seed = 0.0, None
     elif seed is None:
-        seed = draw_seed(x.device)
+        seed = draw_seed(device)
     return FusedLoRAFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, name)
 
 

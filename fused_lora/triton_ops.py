@@ -356,7 +356,7 @@ class _ShrinkPlan:
 def lora_shrink(x2d, lora_A, seed, dropout_p):
     """``(xa, keep_bits)``: xa = D(x) A^T (T, r) in the accumulation dtype; keep_bits the packed
     mask (T, ceil(K/8)) uint8 when dropout is on and the mask mode is "bits", else None."""
-    store_bits = saves_keep_bits("triton", dropout_p)
+    store_bits = saves_keep_bits("triton", dropout_p, x2d.dtype)
     key = (x2d.device, x2d.dtype, lora_A.dtype, x2d.shape, x2d.stride(), lora_A.shape, lora_A.stride(),
            _aligned(x2d), _aligned(lora_A), dropout_p, store_bits, torch.backends.cuda.matmul.allow_tf32)
     plan = _SHRINK_PLANS.get(key)

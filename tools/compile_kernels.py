@@ -73,6 +73,8 @@ def variants(dtypes, ranks, all_configs, limit):
         tag = f"{dtype} r={rank}"
         # (has dropout, mask from bits, K aligned)
         masks = [(False, False, True), (True, False, True), (True, True, True), (True, False, False)]
+        if dtype == "fp64":  # no packed bits for fp64 (backends.saves_keep_bits)
+            masks = [m for m in masks if not m[1]]
 
         block_k = {2: 128, 4: 64}.get(size, 32)
         if block_r > 64:

@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from fused_lora import FusedLoRALinear, apply_lora, from_peft, load_adapter, save_adapter
 
-from conftest import assert_close
-from tiny_models import tiny_llama, token_batch
+from tiny_models import reduction_length, tiny_llama, token_batch
+from tolerances import assert_close_scaled
 
 peft = pytest.importorskip("peft")
 
@@ -57,7 +57,7 @@ def test_saved_directory_loads_in_peft_with_the_same_outputs(tmp_path, use_rslor
     peft_model = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
     assert type(peft_model).__name__ == "PeftModelForCausalLM"
     assert peft_model.peft_config["default"].use_rslora == use_rslora
-    assert_close("logits", _logits(peft_model), _logits(ours), atol=1e-5, rtol=1e-4)
+    assert_close_scaled("logits", _logits(peft_model), _logits(ours), reduction_length())
     assert not torch.allclose(_logits(peft_model), _logits(tiny_llama()), atol=1e-3)  # the adapter matters
 
 
@@ -78,21 +78,21 @@ def test_peft_directory_loads_into_a_plain_model(tmp_path, use_rslora):
     assert len(layers) == 6 and all(m.lora_dropout == 0.1 and m.use_rslora == use_rslora for m in layers)
     for m in layers:
         m.backend = "torch"
-    assert_close("logits", _logits(model.eval()), _logits(peft_model), atol=1e-5, rtol=1e-4)
+    assert_close_scaled("logits", _logits(model.eval()), _logits(peft_model), reduction_length())
 
 
 def test_peft_directory_loads_into_a_model_with_lora_layers(tmp_path):
     peft_model = _peft_saved(tmp_path)
     model = apply_lora(tiny_llama(), TARGETS, r=4, lora_alpha=8)
     load_adapter(model, tmp_path)
-    assert_close("logits", _logits(model.eval()), _logits(peft_model), atol=1e-5, rtol=1e-4)
+    assert_close_scaled("logits", _logits(model.eval()), _logits(peft_model), reduction_length())
 
 
 def test_round_trip_and_from_peft_model_saves_peft_keys(tmp_path):
     ours = _ours(r=2, lora_alpha=4)
     save_adapter(ours, tmp_path / "ours")
     again = load_adapter(tiny_llama(), tmp_path / "ours")
-    assert_close("logits", _logits(again.eval()), _logits(ours), atol=1e-6, rtol=1e-6)
+    assert_close_scaled("logits", _logits(again.eval()), _logits(ours), reduction_length())
 
     peft_model = _peft_saved(tmp_path / "peft")
     converted = from_peft(copy.deepcopy(peft_model))

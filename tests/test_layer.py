@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from fused_lora import FusedLoRALinear, dropout_mask, lora_linear_reference
 
-from conftest import assert_close
+from tolerances import assert_close_scaled, lora_reductions
 
 
 def test_attributes_and_initialisation():
@@ -42,9 +42,9 @@ def test_from_linear_computes_what_the_linear_did(bias, device_backend):
     assert (layer.bias is linear.bias) if bias else layer.bias is None
     x = torch.randn(2, 7, 24, device=device)
     layer.eval()
-    assert_close("y", layer(x), linear(x), atol=1e-5, rtol=1e-5)
+    assert_close_scaled("y", layer(x), linear(x), 24 + 4)
     layer.train()  # B is zero, so dropout on the LoRA branch changes nothing either
-    assert_close("y", layer(x), linear(x), atol=1e-5, rtol=1e-5)
+    assert_close_scaled("y", layer(x), linear(x), 24 + 4)
 
 
 def test_dropout_follows_training_flag(device_backend):
@@ -55,7 +55,7 @@ def test_dropout_follows_training_flag(device_backend):
     x = torch.randn(10, 16, device=device)
     expected_eval = lora_linear_reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
     layer.eval()
-    assert_close("eval y", layer(x), expected_eval, atol=1e-5, rtol=1e-5)
+    assert_close_scaled("eval y", layer(x), expected_eval, 16 + 4)
     layer.train()
     torch.manual_seed(0)
     y_train = layer(x)
@@ -71,15 +71,15 @@ def test_merge_unmerge_round_trip():
     original = layer.weight.detach().clone()
     layer.merge()
     assert layer.merged
-    assert_close("merged y", layer(x), before, atol=1e-5, rtol=1e-5)
+    assert_close_scaled("merged y", layer(x), before, 32 + 4)
     expected_weight = original + layer.scaling * layer.lora_B.detach() @ layer.lora_A.detach()
-    assert_close("merged weight", layer.weight, expected_weight, atol=1e-6, rtol=1e-6)
+    assert_close_scaled("merged weight", layer.weight, expected_weight, 4)
     with pytest.raises(RuntimeError, match="already merged"):
         layer.merge()
     layer.unmerge()
     assert not layer.merged
-    assert_close("unmerged weight", layer.weight, original, atol=1e-6, rtol=1e-6)
-    assert_close("unmerged y", layer(x), before, atol=1e-5, rtol=1e-5)
+    assert_close_scaled("unmerged weight", layer.weight, original, 4, magnitude_of=expected_weight)
+    assert_close_scaled("unmerged y", layer(x), before, 32 + 4)
     with pytest.raises(RuntimeError, match="not merged"):
         layer.unmerge()
 
@@ -118,8 +118,11 @@ def test_parity_with_peft_lora_linear(device_backend, use_rslora, bias):
         x_ = x.clone().requires_grad_(True)
         y = layer(x_)
         results.append((y.detach(),) + torch.autograd.grad(y, (x_, a, b), dy))
+    # NOTE: dA's entries reach a few hundred and some are near-cancellations: a per-element
+    # tolerance failed on AVX2 machines (MKL sums in another order), a scaled one cannot.
+    reductions = lora_reductions(T=27, K=40, N=24, r=8)
     for name, a, e in zip(("y", "dx", "dA", "dB"), results[1], results[0]):
-        assert_close(name, a, e, atol=1e-5, rtol=1e-4)
+        assert_close_scaled(name, a, e, reductions[name])
     assert base.weight.grad is None
 
 
@@ -137,4 +140,4 @@ def test_dropout_matches_reference_with_the_public_mask(device_backend):
     mask = dropout_mask(seed, 10, 24, 0.3)
     expected = lora_linear_reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling,
                                      keep_mask=mask, dropout_p=0.3)
-    assert_close("y", y, expected, atol=1e-5, rtol=1e-5)
+    assert_close_scaled("y", y, expected, 24 + 4)

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import check_dropout_p, check_rank
+from .checks import check_dropout_p, check_rank, check_scaling
 from .functional import fused_lora_linear
 
 
@@ -20,10 +20,15 @@ def _check_features(name: str, value) -> int:
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
+    """lora_alpha / r (lora_alpha / sqrt(r) with rsLoRA), checked to be a valid ``scaling``."""
     if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) \
             or not math.isfinite(float(lora_alpha)):
         raise ValueError(f"lora_alpha: expected a finite real number, got {lora_alpha!r}")
-    return float(lora_alpha) / (math.sqrt(r) if use_rslora else r)
+    scaling = float(lora_alpha) / (math.sqrt(r) if use_rslora else r)
+    try:
+        return check_scaling(scaling)
+    except ValueError as error:
+        raise ValueError(f"lora_alpha: gives {error}") from None
 
 
 class FusedLoRALinear(nn.Module):
@@ -33,7 +38,7 @@ class FusedLoRALinear(nn.Module):
     (r, in) and ``lora_B`` (out, r) trainable; ``r``, ``lora_alpha``,
     ``lora_dropout`` (the probability), ``scaling``, ``merged``; ``backend``
     (None = automatic, or "triton" / "cpu" / "torch"). Dropout follows
-    ``self.training``.
+    ``self.training``. ``lora_dropout`` and ``scaling`` are checked whenever set.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, lora_alpha: float = 8,
@@ -44,7 +49,7 @@ class FusedLoRALinear(nn.Module):
         self.in_features = _check_features("in_features", in_features)
         self.out_features = _check_features("out_features", out_features)
         self.r = check_rank(r)
-        self.lora_dropout = check_dropout_p(lora_dropout)
+        self.lora_dropout = lora_dropout
         self.scaling = lora_scaling(self.r, lora_alpha, use_rslora)
         self.lora_alpha = lora_alpha
         self.use_rslora = bool(use_rslora)
@@ -60,6 +65,24 @@ class FusedLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(out_features, self.r, **factory))
         self._reset_base_parameters()
         self.reset_lora_parameters()
+
+    @property
+    def lora_dropout(self) -> float:
+        """Dropout probability of the LoRA branch input, in [0, 1)."""
+        return self._lora_dropout
+
+    @lora_dropout.setter
+    def lora_dropout(self, value) -> None:
+        self._lora_dropout = check_dropout_p(value, "lora_dropout")
+
+    @property
+    def scaling(self) -> float:
+        """The LoRA scale: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA."""
+        return self._scaling
+
+    @scaling.setter
+    def scaling(self, value) -> None:
+        self._scaling = check_scaling(value)
 
     def _reset_base_parameters(self) -> None:
         # nn.Linear's initialisation.

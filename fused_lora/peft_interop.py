@@ -98,7 +98,7 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float =
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     targets = _check_target_modules(target_modules)
     r = check_rank(r)
-    lora_dropout = check_dropout_p(lora_dropout)
+    lora_dropout = check_dropout_p(lora_dropout, "lora_dropout")
     lora_scaling(r, lora_alpha, use_rslora)  # checks lora_alpha
     if not isinstance(use_rslora, bool):
         raise TypeError(f"use_rslora: expected a bool, got {type(use_rslora).__name__}")

@@ -96,7 +96,7 @@ def test_apply_lora_bad_arguments():
         apply_lora(model, "(q_proj")
     with pytest.raises(ValueError, match="r: expected an int >= 1"):
         apply_lora(model, ["q_proj"], r=0)
-    with pytest.raises(ValueError, match="dropout_p"):
+    with pytest.raises(ValueError, match="lora_dropout"):
         apply_lora(model, ["q_proj"], lora_dropout=1.0)
     with pytest.raises(ValueError, match="lora_alpha"):
         apply_lora(model, ["q_proj"], lora_alpha=float("nan"))

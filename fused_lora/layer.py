@@ -39,6 +39,11 @@ class FusedLoRALinear(nn.Module):
     ``lora_dropout`` (the probability), ``scaling``, ``merged``; ``backend``
     (None = automatic, or "triton" / "cpu" / "torch"). Dropout follows
     ``self.training``. ``lora_dropout`` and ``scaling`` are checked whenever set.
+
+    ``merged`` is part of the state dict (``get_extra_state``), so a merged layer's
+    state loads as merged: the merged weight is never counted twice. A merged layer
+    runs the base linear only, and refuses to run where it would be trained (training
+    mode, gradients enabled, lora_A or lora_B requiring grad): ``unmerge()`` first.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, lora_alpha: float = 8,
@@ -83,6 +88,19 @@ class FusedLoRALinear(nn.Module):
     @scaling.setter
     def scaling(self, value) -> None:
         self._scaling = check_scaling(value)
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The state dict records ``merged`` (a 0-d bool tensor, so safetensors can store it)."""
+        return torch.tensor(self.merged)
+
+    def set_extra_state(self, state) -> None:
+        if isinstance(state, torch.Tensor) and state.dim() == 0 and state.dtype == torch.bool:
+            state = bool(state.item())
+        if not isinstance(state, bool):
+            raise ValueError(f"state_dict: expected the FusedLoRALinear extra state to be a 0-d bool tensor "
+                             f"(merged), got {state!r}")
+        # NOTE: called after weight was loaded: the flag now says what that weight is.
+        self.merged = state
 
     def _reset_base_parameters(self) -> None:
         # nn.Linear's initialisation.
@@ -142,6 +160,11 @@ class FusedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
+            if self.training and torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
+                raise RuntimeError(
+                    "FusedLoRALinear: the adapter is merged into weight, so lora_A and lora_B would get no "
+                    "gradient; call unmerge() before training, or run the merged layer in eval() mode or "
+                    "under torch.no_grad() (or freeze lora_A and lora_B with requires_grad_(False))")
             return F.linear(x, self.weight, self.bias)
         return fused_lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                                  self.lora_dropout, training=self.training, backend=self.backend)

@@ -141,3 +141,69 @@ def test_dropout_matches_reference_with_the_public_mask(device_backend):
     expected = lora_linear_reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling,
                                      keep_mask=mask, dropout_p=0.3)
     assert_close_scaled("y", y, expected, 24 + 4)
+
+
+def _merged_layer():
+    torch.manual_seed(0)
+    layer = FusedLoRALinear(32, 16, r=4, lora_alpha=8)
+    nn.init.normal_(layer.lora_B)
+    return layer.eval()
+
+
+def test_merged_state_loads_as_merged_and_is_not_counted_twice():
+    layer = _merged_layer()
+    x = torch.randn(5, 32)
+    original = layer.weight.detach().clone()
+    before = layer(x)
+    layer.merge()
+    state = layer.state_dict()
+    assert state["_extra_state"].dtype == torch.bool and bool(state["_extra_state"])
+
+    fresh = FusedLoRALinear(32, 16, r=4, lora_alpha=8).eval()
+    fresh.load_state_dict(state)
+    assert fresh.merged
+    assert_close_scaled("y of the loaded merged layer", fresh(x), before, 32 + 4)
+    fresh.unmerge()
+    assert_close_scaled("unmerged loaded weight", fresh.weight, original, 4, magnitude_of=state["weight"])
+
+    # And the other way: an unmerged state into a merged layer.
+    layer.unmerge()
+    merged_again = _merged_layer()
+    merged_again.merge()
+    merged_again.load_state_dict(layer.state_dict())
+    assert not merged_again.merged
+    assert_close_scaled("y", merged_again(x), before, 32 + 4)
+
+
+def test_merged_state_survives_safetensors_and_bad_extra_state_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    layer = _merged_layer()
+    layer.merge()
+    save_file(layer.state_dict(), str(tmp_path / "layer.safetensors"))
+    fresh = FusedLoRALinear(32, 16, r=4, lora_alpha=8)
+    fresh.load_state_dict(load_file(str(tmp_path / "layer.safetensors")))
+    assert fresh.merged and torch.equal(fresh.weight, layer.weight)
+    with pytest.raises(ValueError, match="extra state"):
+        fresh.load_state_dict(dict(layer.state_dict(), _extra_state=torch.tensor([1.0])))
+
+
+def test_training_a_merged_layer_is_a_clear_error():
+    layer = _merged_layer()
+    layer.merge()
+    x = torch.randn(5, 32)
+    layer.train()
+    with pytest.raises(RuntimeError, match=r"merged into weight.*unmerge\(\)"):
+        layer(x)
+    with torch.no_grad():
+        assert layer(x).shape == (5, 16)  # running it is fine
+    layer.eval()
+    assert layer(x).shape == (5, 16)
+    layer.train()
+    layer.lora_A.requires_grad_(False)
+    layer.lora_B.requires_grad_(False)
+    assert layer(x).shape == (5, 16)  # nothing of the adapter is trained
+    layer.lora_A.requires_grad_(True)
+    layer.lora_B.requires_grad_(True)
+    layer.unmerge()
+    layer(x).sum().backward()
+    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None

@@ -7,14 +7,24 @@ difference is not bounded by a multiple of that element: in a near-cancellation 
 element much smaller than its terms) the absolute error of the terms stays. So the
 bound is absolute and scaled to the whole tensor:
 
-    |actual - expected| <= atol = C * eps(dtype) * max|expected| * sqrt(n)
+    |actual - expected| <= atol = C * eps(dtype) * max|expected| * sqrt(n) + n * subnormal(dtype)
 
 * eps(dtype): ``torch.finfo(dtype).eps`` of the less precise of the two tensors (or
   of the dtype a comparison names, when the inputs were rounded to a lower precision
   than the outputs, e.g. a bf16 x with fp32 adapters);
 * max|expected|: stands for the size of the terms of the sums;
 * n: the length of the reductions that made the tensor, added up along the chain
-  (``lora_reductions``: y K + r, dx N + r, dA T + N, dB T + K); at least 1.
+  (``lora_reductions``: y K + r, dx N + r, dA T + N, dB T + K); at least 1;
+* subnormal(dtype): the smallest subnormal (``tiny * eps``), the absolute precision of
+  results that underflow (a scaling of 1e-313 on fp64, say): each of n additions of
+  underflowed terms may round by up to half of it. Negligible otherwise.
+
+max|expected| stands for the size of the terms only when the tensor has enough
+elements; a tensor of one or two elements can itself be a near-cancellation. Where
+shapes can be that small (the property tests), the comparison also gets ``terms``:
+the same computation on absolute values (|x|, |W|, |A|, |B|, |dy|, |scaling|), whose
+elements are the sums of the terms' magnitudes; then max|expected| * sqrt(n) is
+raised to at least max(terms), the classic eps * sum|terms| bound of a dot product.
 
 C = 4, written down once, for this reason: the largest ratio
 |actual - expected| / (eps * max|expected| * sqrt(n)) measured over this suite's
@@ -46,33 +56,38 @@ def lora_reductions(T: int, K: int, N: int, r: int) -> dict[str, int]:
     return {"y": K + r, "dx": N + r, "dA": T + N, "dB": T + K}
 
 
-def _eps(*dtypes: torch.dtype) -> float:
-    return max(torch.finfo(d).eps for d in dtypes)
+def _max_finite(t: torch.Tensor) -> float:
+    finite = t[torch.isfinite(t)].detach().cpu()
+    return finite.abs().max().item() if finite.numel() else 0.0
 
 
-def scaled_atol(expected: torch.Tensor, n: int, dtype: torch.dtype | None = None, c: float = C) -> float:
-    """``c * eps * max|expected| * sqrt(n)`` over the finite elements of ``expected``."""
-    eps = _eps(dtype or expected.dtype)
-    finite = expected[torch.isfinite(expected)].detach().cpu()
-    magnitude = finite.abs().max().item() if finite.numel() else 0.0
-    magnitude = max(magnitude, torch.finfo(expected.dtype).tiny)
-    return c * eps * magnitude * math.sqrt(max(int(n), 1))
+def scaled_atol(expected: torch.Tensor, n: int, dtype: torch.dtype | None = None, c: float = C,
+                terms: torch.Tensor | None = None) -> float:
+    """``c * eps * max(max|expected| * sqrt(n), max(terms)) + n * subnormal`` (finite elements only)."""
+    info = torch.finfo(dtype or expected.dtype)
+    n = max(int(n), 1)
+    size = _max_finite(expected) * math.sqrt(n)
+    if terms is not None:
+        size = max(size, _max_finite(terms))
+    return c * info.eps * size + n * info.tiny * info.eps
 
 
 def assert_close_scaled(name: str, actual: torch.Tensor, expected: torch.Tensor, n: int,
                         dtype: torch.dtype | None = None, c: float = C, equal_nan: bool = False,
-                        magnitude_of: torch.Tensor | None = None) -> None:
+                        magnitude_of: torch.Tensor | None = None, terms: torch.Tensor | None = None) -> None:
     """Dtype, shape, and every element within ``scaled_atol``; NaN and Inf where expected has them.
 
     ``magnitude_of``: the tensor whose size the rounded terms had, when it is not
     ``expected`` (a weight merged and unmerged again was rounded at the merged size).
+    ``terms``: the computation on absolute values (see the module docstring).
     The message names the tensor, the worst element, both values and the bound.
     """
     assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype}, expected {expected.dtype}"
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
     actual, expected = actual.detach().cpu(), expected.detach().cpu()
-    atol = scaled_atol(expected if magnitude_of is None else magnitude_of, n,
-                       dtype or _lower_precision(actual.dtype, expected.dtype), c)
+    dtype = dtype or _lower_precision(actual.dtype, expected.dtype)
+    magnitude_of = expected if magnitude_of is None else magnitude_of
+    atol = scaled_atol(magnitude_of, n, dtype, c, terms)
 
     nan_a, nan_e = torch.isnan(actual), torch.isnan(expected)
     if equal_nan:
@@ -90,12 +105,12 @@ def assert_close_scaled(name: str, actual: torch.Tensor, expected: torch.Tensor,
 
     finite = torch.isfinite(expected) & torch.isfinite(actual)
     err = torch.where(finite, (actual.double() - expected.double()).abs(), torch.zeros((), dtype=torch.float64))
-    _log_ratio(name, err, atol / c)
+    _log_ratio(name, err, scaled_atol(magnitude_of, n, dtype, 1.0, terms))
     if err.numel() and err.max().item() > atol:
         index = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
         raise AssertionError(
             f"{name}: max abs error {err.max().item():.3g} > atol {atol:.3g} "
-            f"(= {c} * eps * max|expected| * sqrt({n})); worst at {index}: got {actual[index].item():.8g}, "
+            f"(= {c} * eps * max(max|expected| * sqrt({n}), max(terms)) + {n} * subnormal); worst at {index}: got {actual[index].item():.8g}, "
             f"expected {expected[index].item():.8g}; {int((err > atol).sum())} of {err.numel()} elements over")
 
 

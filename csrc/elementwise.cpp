@@ -10,9 +10,11 @@ namespace {
 template <typename scalar_t, typename acc_t>
 inline void dropout_to_acc_impl(const scalar_t* __restrict x, const uint16_t* __restrict rnd,
                                 uint32_t threshold, acc_t scale, acc_t* __restrict out, int64_t n) {
+  // NOTE: a dropped element is multiplied by 0, never selected away: NaN and Inf in x
+  // propagate as in the reference, PEFT and F.dropout (0 * Inf = NaN).
   for (int64_t k = 0; k < n; ++k) {
-    const acc_t value = static_cast<acc_t>(x[k]) * scale;
-    out[k] = static_cast<uint32_t>(rnd[k]) >= threshold ? value : acc_t(0);
+    const acc_t factor = static_cast<uint32_t>(rnd[k]) >= threshold ? scale : acc_t(0);
+    out[k] = static_cast<acc_t>(x[k]) * factor;
   }
 }
 

@@ -63,7 +63,7 @@ void backward_rows(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   const bool dropout = dropout_p > 0.0;
   const double keep_scale = 1.0 / (1.0 - dropout_p);
   const acc_t scale = static_cast<acc_t>(keep_scale);
-  const acc_t dx_alpha = static_cast<acc_t>(scaling * keep_scale);
+  const acc_t dx_alpha = static_cast<acc_t>(scaling);
   // NOTE: without dropout an fp32/fp64 x feeds dA as it is, and fp32/fp64 dy
   // always: no copies.
   const bool x_direct = !dropout && kSameType;
@@ -140,7 +140,7 @@ void backward_rows(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
       }
       if (dx_data != nullptr) {
         expand_masked_store(dxa, packed_A.data(), rows, rank, in_features,
-                            dropout ? rnd : nullptr, in_features, threshold, dx_alpha,
+                            dropout ? rnd : nullptr, in_features, threshold, dx_alpha, scale,
                             dx_data + row0 * in_features, in_features);
       }
       if (dA_partial != nullptr) {

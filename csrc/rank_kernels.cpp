@@ -318,7 +318,7 @@ template <typename scalar_t, typename T>
 FUSED_LORA_INLINE void expand_masked_store_impl(const T* coef, const T* packed, int64_t rows,
                                                 int64_t rank, int64_t n, const uint16_t* rnd,
                                                 int64_t ld_rnd, uint32_t threshold, T alpha,
-                                                scalar_t* out, int64_t ld_out) {
+                                                T keep_scale, scalar_t* out, int64_t ld_out) {
   expand_impl(coef, packed, rows, rank, n,
               [&](int64_t i, int64_t c, const T* values, int64_t count) {
     scalar_t* dst = out + i * ld_out + c;
@@ -329,9 +329,12 @@ FUSED_LORA_INLINE void expand_masked_store_impl(const T* coef, const T* packed, 
       return;
     }
     const uint16_t* r = rnd + i * ld_rnd + c;
+    // NOTE: the dropped element is multiplied by 0, not selected away: a NaN/Inf in
+    // dxa A reaches dx as in the reference. scaling and 1/(1-p) are applied one after
+    // the other (not as one product that could overflow), as in the reference.
     for (int64_t k = 0; k < count; ++k) {
-      const T value = values[k] * alpha;
-      dst[k] = static_cast<scalar_t>(static_cast<uint32_t>(r[k]) >= threshold ? value : T(0));
+      const T factor = static_cast<uint32_t>(r[k]) >= threshold ? keep_scale : T(0);
+      dst[k] = static_cast<scalar_t>(values[k] * alpha * factor);
     }
   });
 }
@@ -382,9 +385,9 @@ FUSED_LORA_DEFINE_RANK_KERNELS_ACC(double)
   FUSED_LORA_MULTIVERSION                                                                      \
   void expand_masked_store(const acc_t* coef, const acc_t* packed, int64_t rows, int64_t rank, \
                            int64_t n, const uint16_t* rnd, int64_t ld_rnd, uint32_t threshold, \
-                           acc_t alpha, scalar_t* out, int64_t ld_out) {                       \
-    expand_masked_store_impl(coef, packed, rows, rank, n, rnd, ld_rnd, threshold, alpha, out,  \
-                             ld_out);                                                          \
+                           acc_t alpha, acc_t keep_scale, scalar_t* out, int64_t ld_out) {     \
+    expand_masked_store_impl(coef, packed, rows, rank, n, rnd, ld_rnd, threshold, alpha,       \
+                             keep_scale, out, ld_out);                                         \
   }                                                                                            \
   FUSED_LORA_MULTIVERSION                                                                      \
   void expand_bias_store(const acc_t* coef, const acc_t* packed, int64_t rows, int64_t rank,   \

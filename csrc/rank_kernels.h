@@ -48,10 +48,11 @@ FUSED_LORA_DECLARE_RANK_KERNELS_ACC(float)
 FUSED_LORA_DECLARE_RANK_KERNELS_ACC(double)
 
 #define FUSED_LORA_DECLARE_RANK_KERNELS_OUT(scalar_t, acc_t)                                  \
-  /* out[i, c] = scalar(keep ? alpha * sum_j coef[i, j] m[j, c] : 0); rnd null: no mask */  \
+  /* out[i, c] = scalar(alpha * sum_j coef[i, j] m[j, c] * (keep ? keep_scale : 0));       \
+     rnd null: no mask (and no keep_scale). Multiplied, never selected: NaN/Inf propagate */ \
   void expand_masked_store(const acc_t* coef, const acc_t* packed, int64_t rows, int64_t rank, \
                            int64_t n, const uint16_t* rnd, int64_t ld_rnd, uint32_t threshold, \
-                           acc_t alpha, scalar_t* out, int64_t ld_out);                        \
+                           acc_t alpha, acc_t keep_scale, scalar_t* out, int64_t ld_out);      \
   /* out[i, c] = scalar(sum_j coef[i, j] m[j, c] + bias[c]); bias may be null */               \
   void expand_bias_store(const acc_t* coef, const acc_t* packed, int64_t rows, int64_t rank,   \
                          int64_t n, const scalar_t* bias, scalar_t* out, int64_t ld_out);

@@ -15,13 +15,16 @@ So ``peft.PeftModel.from_pretrained(model, directory)`` loads what we save, and
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 
 import torch
 import torch.nn as nn
 
+from .checks import SUPPORTED_DTYPES
 from .layer import FusedLoRALinear, lora_scaling
-from .peft_interop import apply_lora, lora_layers, matches_target
+from .peft_interop import lora_layers, matches_target, replace_linears, targeted_linears
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -141,87 +144,222 @@ def save_adapter(model: nn.Module, directory, *, task_type: str | None = None) -
         handle.write("\n")
 
 
+def _config_error(path: str, field: str, expected: str, value) -> ValueError:
+    return ValueError(f"{path}: field {field!r}: expected {expected}, got {value!r}")
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def read_adapter_config(directory) -> dict:
-    """The LoRA config of an adapter directory, checked for what fused_lora supports."""
+    """The LoRA config of an adapter directory, checked for what fused_lora supports.
+
+    Every field fused_lora uses is validated (r an int >= 1, lora_alpha a finite number,
+    lora_dropout in [0, 1), use_rslora a bool, target_modules names or a regex, a
+    scaling in range); every error is a ValueError naming the file and the field. The
+    returned dict holds those fields with their defaults filled in.
+    """
     directory = _check_directory(directory)
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
         raise ValueError(f"directory: {directory!r} has no {CONFIG_NAME}")
-    with open(path, encoding="utf-8") as handle:
-        config = json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON: {error.msg} at line {error.lineno}, "
+                         f"column {error.colno}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: cannot be read: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object (a LoraConfig), got a {type(config).__name__}")
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{CONFIG_NAME}: peft_type is {config.get('peft_type')!r}; fused_lora loads LORA only")
+        raise ValueError(f"{path}: field 'peft_type' is {config.get('peft_type')!r}; fused_lora loads LORA only")
     for field, defaults in _UNSUPPORTED_CONFIG.items():
         value = config.get(field, defaults[0])
         if value not in defaults:
-            raise ValueError(f"{CONFIG_NAME}: {field}={value!r} is not supported by fused_lora")
+            raise ValueError(f"{path}: field {field!r}: {field}={value!r} is not supported by fused_lora")
     if config.get("bias", "none") != "none":
-        raise ValueError(f"{CONFIG_NAME}: bias={config['bias']!r} is not supported (only 'none')")
+        raise ValueError(f"{path}: field 'bias': bias={config['bias']!r} is not supported (only 'none')")
     for field in ("r", "lora_alpha", "target_modules"):
         if config.get(field) is None:
-            raise ValueError(f"{CONFIG_NAME}: missing {field!r}")
-    return config
+            raise ValueError(f"{path}: missing field {field!r}")
+
+    r = config["r"]
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise _config_error(path, "r", "an int >= 1", r)
+    lora_alpha = config["lora_alpha"]
+    if not _real(lora_alpha) or not math.isfinite(lora_alpha):
+        raise _config_error(path, "lora_alpha", "a finite number", lora_alpha)
+    lora_dropout = config.get("lora_dropout", 0.0)
+    if lora_dropout is None:
+        lora_dropout = 0.0
+    if not _real(lora_dropout) or not 0.0 <= lora_dropout < 1.0:
+        raise _config_error(path, "lora_dropout", "a number in [0, 1)", lora_dropout)
+    use_rslora = config.get("use_rslora", False)
+    if not isinstance(use_rslora, bool):
+        raise _config_error(path, "use_rslora", "true or false", use_rslora)
+    target_modules = config["target_modules"]
+    if isinstance(target_modules, list):
+        if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
+            raise _config_error(path, "target_modules", "a non-empty list of module names", target_modules)
+    elif not isinstance(target_modules, str) or not target_modules:
+        raise _config_error(path, "target_modules", "a list of module names or a regex string", target_modules)
+    try:
+        lora_scaling(r, lora_alpha, use_rslora)
+    except ValueError as error:
+        raise ValueError(f"{path}: fields 'lora_alpha' and 'r': {error}") from None
+    return dict(config, r=r, lora_alpha=lora_alpha, lora_dropout=float(lora_dropout), use_rslora=use_rslora,
+                target_modules=target_modules)
 
 
-def read_adapter_weights(directory) -> dict[str, torch.Tensor]:
-    directory = _check_directory(directory)
-    path = os.path.join(directory, WEIGHTS_NAME)
-    if os.path.isfile(path):
-        from safetensors.torch import load_file
-        return load_file(path)
-    legacy = os.path.join(directory, LEGACY_WEIGHTS_NAME)
-    if os.path.isfile(legacy):
-        return torch.load(legacy, map_location="cpu", weights_only=True)
+def _weights_path(directory: str) -> str:
+    for name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
     raise ValueError(f"directory: {directory!r} has neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME}")
 
 
-def load_adapter(model: nn.Module, directory) -> nn.Module:
-    """Load a PEFT LoRA adapter directory into ``model``; returns ``model``.
+def read_adapter_weights(directory) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter directory: a dict of str to 2-D floating-point tensors.
 
-    A model without FusedLoRALinear layers first gets them with ``apply_lora`` and the
-    directory's config (target_modules, r, lora_alpha, lora_dropout, use_rslora). A model
-    that has them must match the config (r, scaling); its lora_dropout is set to the
-    config's. Missing or unexpected keys and shape mismatches are errors naming the key.
+    Errors (unreadable file, a value that is not a tensor, an integer tensor, a tensor
+    that is not 2-D) are ValueErrors naming the file and the key.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    config = read_adapter_config(directory)
-    tensors = read_adapter_weights(directory)
-    use_rslora = bool(config.get("use_rslora", False))
-    lora_dropout = float(config.get("lora_dropout", 0.0))
-    root, layers = _relative_layers(model)
-    if not layers:
-        apply_lora(root, config["target_modules"], r=config["r"], lora_alpha=config["lora_alpha"],
-                   lora_dropout=lora_dropout, use_rslora=use_rslora)
-        layers = lora_layers(root)
-    expected_scaling = lora_scaling(config["r"], config["lora_alpha"], use_rslora)
+    path = _weights_path(_check_directory(directory))
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            tensors = load_file(path)
+        else:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # safetensors, pickle and OS errors alike: name the file
+        raise ValueError(f"{path}: cannot be read: {type(error).__name__}: {error}") from None
+    if not isinstance(tensors, dict):
+        raise ValueError(f"{path}: expected a dict of tensors, got a {type(tensors).__name__}")
+    for key, value in tensors.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ValueError(f"{path}: key {key!r}: expected a tensor under a str key, got {type(value).__name__}")
+        if value.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{path}: key {key!r}: expected a float16, bfloat16, float32 or float64 tensor, "
+                             f"got {value.dtype}")
+        if value.dim() != 2:
+            raise ValueError(f"{path}: key {key!r}: expected a 2-D tensor, got shape {tuple(value.shape)}")
+    return tensors
 
-    updates = []
+
+def _expected_adapters(root: nn.Module, layers, config: dict, config_path: str) -> list[tuple[str, int, int]]:
+    """(name, in_features, out_features) of every layer the adapter must fill; raises if the model cannot take it."""
+    if not layers:
+        try:
+            chosen = targeted_linears(root, config["target_modules"])
+        except ValueError as error:
+            raise ValueError(f"{config_path}: field 'target_modules': {error}") from None
+        linears = [(name, root.get_submodule(name)) for name in chosen]
+        return [(name, linear.in_features, linear.out_features) for name, linear in linears]
+    expected_scaling = lora_scaling(config["r"], config["lora_alpha"], config["use_rslora"])
     for name, layer in layers:
         if layer.merged:
             raise ValueError(f"model: layer {name!r} is merged; unmerge() it before loading an adapter")
         if layer.r != config["r"]:
-            raise ValueError(f"model: layer {name!r} has r={layer.r} but {CONFIG_NAME} has r={config['r']}")
+            raise ValueError(f"model: layer {name!r} has r={layer.r} but {CONFIG_NAME} has r={config['r']} "
+                             f"({config_path}, field 'r')")
         if layer.scaling != expected_scaling:
             raise ValueError(f"model: layer {name!r} has scaling {layer.scaling} but {CONFIG_NAME} gives "
-                             f"{expected_scaling} (lora_alpha={config['lora_alpha']}, use_rslora={use_rslora})")
-        for param_name in ("lora_A", "lora_B"):
+                             f"{expected_scaling} (lora_alpha={config['lora_alpha']}, "
+                             f"use_rslora={config['use_rslora']}; {config_path})")
+    return [(name, layer.in_features, layer.out_features) for name, layer in layers]
+
+
+def _check_tensors(tensors: dict, expected, r: int, weights_path: str) -> list[tuple[str, str, torch.Tensor]]:
+    """(layer name, "lora_A" or "lora_B", value) for every expected adapter; raises on a missing,
+    misshapen or unexpected key."""
+    values = []
+    for name, in_features, out_features in expected:
+        for param_name, shape in (("lora_A", (r, in_features)), ("lora_B", (out_features, r))):
             key = f"{PEFT_PREFIX}{name}.{param_name}.weight"
             if key not in tensors:
-                raise ValueError(f"{WEIGHTS_NAME}: missing key {key!r} for layer {name!r}")
-            param, value = getattr(layer, param_name), tensors[key]
-            if tuple(value.shape) != tuple(param.shape):
-                raise ValueError(f"{WEIGHTS_NAME}: key {key!r} has shape {tuple(value.shape)}, "
-                                 f"layer {name!r} expects {tuple(param.shape)}")
-            updates.append((param, value))
-    used = {f"{PEFT_PREFIX}{name}.{p}.weight" for name, _ in layers for p in ("lora_A", "lora_B")}
+                raise ValueError(f"{weights_path}: missing key {key!r} for layer {name!r}")
+            value = tensors[key]
+            if tuple(value.shape) != shape:
+                raise ValueError(f"{weights_path}: key {key!r} has shape {tuple(value.shape)}, "
+                                 f"layer {name!r} expects {shape}")
+            values.append((name, param_name, value))
+    used = {f"{PEFT_PREFIX}{name}.{p}.weight" for name, _, _ in expected for p in ("lora_A", "lora_B")}
     unexpected = sorted(set(tensors) - used)
     if unexpected:
-        raise ValueError(f"{WEIGHTS_NAME}: unexpected key {unexpected[0]!r} (no FusedLoRALinear in the model "
+        raise ValueError(f"{weights_path}: unexpected key {unexpected[0]!r} (no FusedLoRALinear in the model "
                          f"for it; {len(unexpected)} unexpected in all)")
-    with torch.no_grad():
-        for param, value in updates:
-            param.copy_(value)
-    for _, layer in layers:
-        layer.lora_dropout = lora_dropout
+    return values
+
+
+class _Restore:
+    """What load_adapter may change in a model, recorded so that a failure can put it back."""
+
+    def __init__(self, root: nn.Module, layers):
+        self.root = root
+        self.modules = [(name, module) for name, module in root.named_modules() if name]
+        self.requires_grad = [(param, param.requires_grad) for param in root.parameters()]
+        self.layers = [(layer, layer.lora_A.detach().clone(), layer.lora_B.detach().clone(), layer.lora_dropout)
+                       for _, layer in layers]
+
+    def restore(self) -> None:
+        for name, module in self.modules:
+            parent_name, _, child = name.rpartition(".")
+            parent = self.root.get_submodule(parent_name) if parent_name else self.root
+            if getattr(parent, child, None) is not module:
+                setattr(parent, child, module)
+        for param, flag in self.requires_grad:
+            param.requires_grad_(flag)
+        with torch.no_grad():
+            for layer, lora_A, lora_B, lora_dropout in self.layers:
+                layer.lora_A.copy_(lora_A)
+                layer.lora_B.copy_(lora_B)
+                layer.lora_dropout = lora_dropout
+
+
+def load_adapter(model: nn.Module, directory) -> nn.Module:
+    """Load a PEFT LoRA adapter directory into ``model``; returns ``model``. All or nothing.
+
+    A model without FusedLoRALinear layers gets them, as ``apply_lora`` with the
+    directory's config (target_modules, r, lora_alpha, lora_dropout, use_rslora) would
+    make them. A model that has them must match the config (r, scaling); their
+    lora_dropout is set to the config's.
+
+    The config and the tensors are read and checked against the model (names, shapes,
+    dtypes, the config's values) before the model is touched; on any error the model
+    is as before: the same module objects, requires_grad flags and values. Errors are
+    ValueErrors naming the file and the field or key.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    directory = _check_directory(directory)
+    config = read_adapter_config(directory)
+    config_path = os.path.join(directory, CONFIG_NAME)
+    weights_path = _weights_path(directory)
+    tensors = read_adapter_weights(directory)
+    root, layers = _relative_layers(model)
+    expected = _expected_adapters(root, layers, config, config_path)
+    values = _check_tensors(tensors, expected, config["r"], weights_path)
+
+    restore = _Restore(root, layers)
+    try:
+        if not layers:
+            replace_linears(root, [name for name, _, _ in expected], r=config["r"],
+                            lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"],
+                            use_rslora=config["use_rslora"])
+        _copy_values(root, values)
+        for _, layer in lora_layers(root):
+            layer.lora_dropout = config["lora_dropout"]
+    except BaseException:
+        restore.restore()
+        raise
     return model
+
+
+@torch.no_grad()
+def _copy_values(root: nn.Module, values) -> None:
+    for name, param_name, value in values:
+        getattr(root.get_submodule(name), param_name).copy_(value)

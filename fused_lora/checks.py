@@ -15,6 +15,10 @@ import torch
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 MAX_SEED = 2 ** 63
+# NOTE: every backend applies scaling in fp32 for fp16/bf16/fp32 inputs, and the Triton
+# kernels take scalar arguments as fp32 for every dtype (fp64 included, as an fp32
+# hi + lo pair); so one range for every dtype: |scaling| <= the largest finite fp32.
+MAX_SCALING = torch.finfo(torch.float32).max
 
 
 def _require_tensor(name: str, value) -> torch.Tensor:
@@ -28,12 +32,13 @@ def _require_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], m
         raise ValueError(f"{name}: expected shape {expected} {meaning}, got {tuple(tensor.shape)}")
 
 
-def check_dropout_p(dropout_p) -> float:
+def check_dropout_p(dropout_p, name: str = "dropout_p") -> float:
+    """A dropout probability in [0, 1); ``name`` is the argument's name in messages."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p: expected a float in [0, 1), got {type(dropout_p).__name__}")
+        raise TypeError(f"{name}: expected a float in [0, 1), got {type(dropout_p).__name__}")
     dropout_p = float(dropout_p)
     if not 0.0 <= dropout_p < 1.0:  # also rejects NaN
-        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p}")
+        raise ValueError(f"{name}: expected a float in [0, 1), got {dropout_p}")
     return dropout_p
 
 
@@ -46,7 +51,28 @@ def check_seed(seed) -> int:
     return seed
 
 
+def check_seed_tensor(seed) -> torch.Tensor:
+    """The seed of ``FusedLoRAFunction.apply``, as the operations take it: a 0-d int64 tensor.
+
+    Accepts an int in [0, 2**63) (converted to a 0-d int64 CPU tensor) or a 0-d int64
+    tensor holding one. A float, a bool or a float tensor is a TypeError, never truncated.
+    The value of a tensor is checked only when reading it is free: a CPU tensor outside
+    torch.compile (reading a CUDA tensor would synchronise, and a traced one has no value).
+    """
+    if isinstance(seed, torch.Tensor):
+        if seed.dim() != 0 or seed.dtype != torch.int64:
+            raise TypeError(f"seed: expected an int in [0, 2**63) or a 0-d int64 tensor holding one, "
+                            f"got a {seed.dtype} tensor of shape {tuple(seed.shape)}")
+        if seed.device.type == "cpu" and not torch.compiler.is_compiling():
+            value = int(seed.item())
+            if value < 0:
+                raise ValueError(f"seed: expected an int in [0, 2**63), got tensor({value})")
+        return seed
+    return torch.tensor(check_seed(seed), dtype=torch.int64)
+
+
 def check_scaling(scaling) -> float:
+    """A real number with |scaling| <= MAX_SCALING (the largest fp32), as a Python float."""
     if isinstance(scaling, torch.Tensor) and scaling.dim() == 0:
         scaling = scaling.item()
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
@@ -54,6 +80,9 @@ def check_scaling(scaling) -> float:
     scaling = float(scaling)
     if not math.isfinite(scaling):
         raise ValueError(f"scaling: expected a finite real number, got {scaling}")
+    if abs(scaling) > MAX_SCALING:
+        raise ValueError(f"scaling: expected a value in [-{MAX_SCALING:.9g}, {MAX_SCALING:.9g}] (the "
+                         f"float32 range, in which the backends apply it), got {scaling:.9g}")
     return scaling
 
 
@@ -74,6 +103,26 @@ def check_dims(rows, cols) -> tuple[int, int]:
     return int(rows), int(cols)
 
 
+def _in_features(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> int:
+    """K, agreed by x's last dimension and weight; a disagreement blames the tensor that is wrong.
+
+    When x and weight disagree, lora_A's in_features (or a weight that fits transposed)
+    says which of the two is the odd one out; without that evidence x is blamed.
+    """
+    x_features = x.shape[-1]
+    out_features, in_features = weight.shape
+    if x_features == in_features:
+        if in_features < 1:
+            raise ValueError(f"weight: expected in_features >= 1 and out_features >= 1, "
+                             f"got shape {tuple(weight.shape)}")
+        return in_features
+    if out_features == x_features or lora_A.shape[1] == x_features:
+        hint = "; it looks transposed" if out_features == x_features else ""
+        raise ValueError(f"weight: expected shape (out_features, {x_features}) with in_features = x's last "
+                         f"dimension {x_features}, got {tuple(weight.shape)}{hint}")
+    raise ValueError(f"x: expected last dimension {in_features} (weight's in_features), got shape {tuple(x.shape)}")
+
+
 def check_lora_inputs(x, weight, bias, lora_A, lora_B) -> None:
     """Shapes, dtypes and devices of the tensors of one LoRA linear call."""
     for name, value in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
@@ -85,19 +134,24 @@ def check_lora_inputs(x, weight, bias, lora_A, lora_B) -> None:
         raise TypeError(f"x: expected dtype float16, bfloat16, float32 or float64, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError("x: expected a tensor of shape (..., in_features), got a 0-d tensor")
-    if weight.dim() != 2:
-        raise ValueError(f"weight: expected a 2-D tensor (out_features, in_features), got shape {tuple(weight.shape)}")
-    out_features, in_features = weight.shape
-    if in_features < 1 or out_features < 1:
+    for name, value, meaning in (("weight", weight, "(out_features, in_features)"),
+                                 ("lora_A", lora_A, "(r, in_features)")):
+        if value.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D tensor {meaning}, got shape {tuple(value.shape)}")
+    in_features = _in_features(x, weight, lora_A)
+    out_features = weight.shape[0]
+    if out_features < 1:
         raise ValueError(f"weight: expected in_features >= 1 and out_features >= 1, got shape {tuple(weight.shape)}")
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x: expected last dimension {in_features} (weight's in_features), got shape {tuple(x.shape)}")
-    if lora_A.dim() != 2:
-        raise ValueError(f"lora_A: expected a 2-D tensor (r, in_features), got shape {tuple(lora_A.shape)}")
+    if lora_A.shape[1] != in_features:
+        hint = "; it looks transposed" if lora_A.shape[0] == in_features else ""
+        raise ValueError(f"lora_A: expected shape (r, {in_features}) (r, in_features), "
+                         f"got {tuple(lora_A.shape)}{hint}")
     r = lora_A.shape[0]
     if r < 1:
         raise ValueError(f"lora_A: expected rank r >= 1 rows, got shape {tuple(lora_A.shape)}")
-    _require_shape("lora_A", lora_A, (r, in_features), "(r, in_features)")
+    if lora_B.dim() == 2 and tuple(lora_B.shape) == (r, out_features) and r != out_features:
+        raise ValueError(f"lora_B: expected shape {(out_features, r)} (out_features, r) with r from lora_A, "
+                         f"got {tuple(lora_B.shape)}; it looks transposed")
     _require_shape("lora_B", lora_B, (out_features, r), "(out_features, r) with r from lora_A")
     if bias is not None:
         _require_shape("bias", bias, (out_features,), "(out_features,)")

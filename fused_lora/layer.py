@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import check_dropout_p, check_rank
+from .checks import check_dropout_p, check_rank, check_scaling
 from .functional import fused_lora_linear
 
 
@@ -20,10 +20,15 @@ def _check_features(name: str, value) -> int:
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
+    """lora_alpha / r (lora_alpha / sqrt(r) with rsLoRA), checked to be a valid ``scaling``."""
     if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) \
             or not math.isfinite(float(lora_alpha)):
         raise ValueError(f"lora_alpha: expected a finite real number, got {lora_alpha!r}")
-    return float(lora_alpha) / (math.sqrt(r) if use_rslora else r)
+    scaling = float(lora_alpha) / (math.sqrt(r) if use_rslora else r)
+    try:
+        return check_scaling(scaling)
+    except ValueError as error:
+        raise ValueError(f"lora_alpha: gives {error}") from None
 
 
 class FusedLoRALinear(nn.Module):
@@ -33,7 +38,12 @@ class FusedLoRALinear(nn.Module):
     (r, in) and ``lora_B`` (out, r) trainable; ``r``, ``lora_alpha``,
     ``lora_dropout`` (the probability), ``scaling``, ``merged``; ``backend``
     (None = automatic, or "triton" / "cpu" / "torch"). Dropout follows
-    ``self.training``.
+    ``self.training``. ``lora_dropout`` and ``scaling`` are checked whenever set.
+
+    ``merged`` is part of the state dict (``get_extra_state``), so a merged layer's
+    state loads as merged: the merged weight is never counted twice. A merged layer
+    runs the base linear only, and refuses to run where it would be trained (training
+    mode, gradients enabled, lora_A or lora_B requiring grad): ``unmerge()`` first.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, lora_alpha: float = 8,
@@ -44,7 +54,7 @@ class FusedLoRALinear(nn.Module):
         self.in_features = _check_features("in_features", in_features)
         self.out_features = _check_features("out_features", out_features)
         self.r = check_rank(r)
-        self.lora_dropout = check_dropout_p(lora_dropout)
+        self.lora_dropout = lora_dropout
         self.scaling = lora_scaling(self.r, lora_alpha, use_rslora)
         self.lora_alpha = lora_alpha
         self.use_rslora = bool(use_rslora)
@@ -60,6 +70,37 @@ class FusedLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(out_features, self.r, **factory))
         self._reset_base_parameters()
         self.reset_lora_parameters()
+
+    @property
+    def lora_dropout(self) -> float:
+        """Dropout probability of the LoRA branch input, in [0, 1)."""
+        return self._lora_dropout
+
+    @lora_dropout.setter
+    def lora_dropout(self, value) -> None:
+        self._lora_dropout = check_dropout_p(value, "lora_dropout")
+
+    @property
+    def scaling(self) -> float:
+        """The LoRA scale: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA."""
+        return self._scaling
+
+    @scaling.setter
+    def scaling(self, value) -> None:
+        self._scaling = check_scaling(value)
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The state dict records ``merged`` (a 0-d bool tensor, so safetensors can store it)."""
+        return torch.tensor(self.merged)
+
+    def set_extra_state(self, state) -> None:
+        if isinstance(state, torch.Tensor) and state.dim() == 0 and state.dtype == torch.bool:
+            state = bool(state.item())
+        if not isinstance(state, bool):
+            raise ValueError(f"state_dict: expected the FusedLoRALinear extra state to be a 0-d bool tensor "
+                             f"(merged), got {state!r}")
+        # NOTE: called after weight was loaded: the flag now says what that weight is.
+        self.merged = state
 
     def _reset_base_parameters(self) -> None:
         # nn.Linear's initialisation.
@@ -119,6 +160,11 @@ class FusedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
+            if self.training and torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
+                raise RuntimeError(
+                    "FusedLoRALinear: the adapter is merged into weight, so lora_A and lora_B would get no "
+                    "gradient; call unmerge() before training, or run the merged layer in eval() mode or "
+                    "under torch.no_grad() (or freeze lora_A and lora_B with requires_grad_(False))")
             return F.linear(x, self.weight, self.bias)
         return fused_lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                                  self.lora_dropout, training=self.training, backend=self.backend)

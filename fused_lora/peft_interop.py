@@ -92,17 +92,27 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float =
     ``lora_A`` and ``lora_B`` are the only trainable parameters afterwards (A
     kaiming-uniform, B zeros, so the model computes what it did before).
     Raises ValueError when nothing matches (listing the module names seen), or when a
-    matched module is not a plain floating-point ``nn.Linear``.
+    matched module is not a plain floating-point ``nn.Linear``; then the model is unchanged.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    targets = _check_target_modules(target_modules)
     r = check_rank(r)
-    lora_dropout = check_dropout_p(lora_dropout)
+    lora_dropout = check_dropout_p(lora_dropout, "lora_dropout")
     lora_scaling(r, lora_alpha, use_rslora)  # checks lora_alpha
     if not isinstance(use_rslora, bool):
         raise TypeError(f"use_rslora: expected a bool, got {type(use_rslora).__name__}")
+    chosen = targeted_linears(model, target_modules)
+    replace_linears(model, chosen, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
+    return model
 
+
+def targeted_linears(model: nn.Module, target_modules) -> list[str]:
+    """The qualified names of the ``nn.Linear`` layers ``target_modules`` picks; the model is not touched.
+
+    Raises ValueError when nothing matches, or when a matched module is not a plain
+    floating-point ``nn.Linear`` (or already is a FusedLoRALinear).
+    """
+    targets = _check_target_modules(target_modules)
     names = [name for name, _ in model.named_modules() if name]
     if targets == ALL_LINEAR:
         output_name = _output_layer_name(model)
@@ -120,7 +130,12 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float =
         if not isinstance(module, nn.Linear) or _is_quantised(module):
             raise ValueError(f"target_modules: module {name!r} is a {type(module).__name__}; fused_lora "
                              f"supports only torch.nn.Linear with a floating-point weight")
+    return chosen
 
+
+def replace_linears(model: nn.Module, chosen: list[str], r: int, lora_alpha: float, lora_dropout: float,
+                    use_rslora: bool) -> None:
+    """Freeze every parameter of ``model``, then swap the linear layers named in ``chosen`` (checked) for FusedLoRALinear."""
     for param in model.parameters():
         param.requires_grad_(False)
     for name in chosen:
@@ -129,7 +144,6 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float =
                                             use_rslora=use_rslora)
         layer.train(linear.training)
         _replace_module(model, name, layer)
-    return model
 
 
 def _peft_lora_layer_types():

@@ -44,6 +44,17 @@ def _dropped(t: torch.Tensor, seed: int, dropout_p: float, mask: torch.Tensor | 
     return t * mask * (1.0 / (1.0 - dropout_p))
 
 
+def _addmm_scaled_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``out += scaling * (a @ b)`` in place.
+
+    NOTE: BLAS skips the product when alpha == 0, which would drop a NaN/Inf of a or b;
+    the reference multiplies (0 * Inf = NaN), so scaling == 0 multiplies here too.
+    """
+    if scaling == 0.0:
+        return out.add_(torch.mm(a, b).mul_(scaling))
+    return out.addmm_(a, b, alpha=scaling)
+
+
 def lora_shrink(x2d, lora_A, seed, dropout_p):
     lora_input = x2d.to(lora_A.dtype)
     if dropout_p > 0.0:
@@ -57,7 +68,7 @@ def lora_forward(x2d, weight, bias, lora_B, xa, scaling):
     else:
         y = torch.addmm(bias, x2d, weight.t())
     # NOTE: the expand accumulates into y in place: no (T, N) temporary.
-    y.addmm_(xa.to(y.dtype), lora_B.t().to(y.dtype), alpha=scaling)
+    _addmm_scaled_(y, xa.to(y.dtype), lora_B.t().to(y.dtype), scaling)
     return y
 
 
@@ -87,5 +98,5 @@ def lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_p,
                 # part needs its own (T, K) temporary here.
                 dx += _dropped(torch.mm(dxa, lora_A), seed, dropout_p, mask).mul_(scaling).to(dx.dtype)
             else:
-                dx.addmm_(dxa.to(dx.dtype), lora_A.to(dx.dtype), alpha=scaling)
+                _addmm_scaled_(dx, dxa.to(dx.dtype), lora_A.to(dx.dtype), scaling)
     return dx, dA, dB

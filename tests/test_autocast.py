@@ -6,6 +6,8 @@ import torch.nn as nn
 
 from fused_lora import FusedLoRALinear, fused_lora_linear, lora_linear_reference
 
+from tolerances import lora_reductions, scaled_atol
+
 peft = pytest.importorskip("peft")
 
 
@@ -46,13 +48,15 @@ def test_bf16_autocast_on_cpu_is_as_accurate_as_peft(backend, bias):
                   autocast=True)
     truth = _run(ours.double(), ours.lora_A, ours.lora_B, x.double(), dy.double(), autocast=False)
     ours.float()
+    reductions = lora_reductions(T=33, K=48, N=40, r=8)
     # Dtypes follow F.linear under autocast: bf16 output; gradients in each tensor's own dtype.
     assert [t.dtype for t in mine] == [t.dtype for t in theirs] == [torch.bfloat16, torch.float32,
                                                                      torch.float32, torch.float32]
     for name, a, p, t in zip(("y", "dx", "dA", "dB"), mine, theirs, truth):
         err = (a.double() - t).abs().max().item()
         peft_err = (p.double() - t).abs().max().item()
-        assert err <= 1.5 * peft_err + 1e-6, f"{name}: error {err:.3g} vs PEFT's bf16 autocast error {peft_err:.3g}"
+        floor = scaled_atol(t, reductions[name], dtype=torch.float32)  # fp32 parts, where PEFT's error is ~0
+        assert err <= 1.5 * peft_err + floor, f"{name}: error {err:.3g} vs PEFT's bf16 autocast error {peft_err:.3g}"
         assert err < 0.05 * t.abs().max().item(), name  # and really computed in (about) bf16 precision
 
 

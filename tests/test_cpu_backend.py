@@ -18,6 +18,8 @@ import fused_lora
 from fused_lora import backends, philox
 from fused_lora.reference import lora_linear_reference
 
+from tolerances import assert_close_scaled, lora_reductions, scaled_atol
+
 try:
     from fused_lora import _C
     from fused_lora import cpu_ops
@@ -130,20 +132,6 @@ def reference(scaling, p, seed):
     return fn
 
 
-def assert_close(name, got, expected, atol, rtol):
-    assert got.dtype == expected.dtype, f"{name}: dtype {got.dtype} != {expected.dtype}"
-    assert got.shape == expected.shape, f"{name}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
-    err = (got.double() - expected.double()).abs()
-    bound = atol + rtol * expected.double().abs()
-    if not bool((err <= bound).all()):
-        where = (err - bound).argmax()
-        index = tuple(int(i) for i in torch.unravel_index(where, err.shape))
-        raise AssertionError(f"{name}: max abs error {err.max().item():.3g}; worst at {index}: "
-                             f"got {got[index].item():.6g}, expected {expected[index].item():.6g}")
-
-
-TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.float64: (1e-11, 1e-11)}
-
 # (T, K, N, r, bias): awkward sizes, several column stripes (K > 256), several
 # dB chunks (T > 64), single rows and columns.
 CASES = [
@@ -166,14 +154,16 @@ def test_matches_reference(case, p, dtype):
     dy = torch.randn(T, N, dtype=dtype)
     got = run(fused(0.7, p, 1234), x, weight, b, lora_A, lora_B, dy)
     expected = run(reference(0.7, p, 1234), x, weight, b, lora_A, lora_B, dy)
-    atol, rtol = TOLERANCES[dtype]
+    reductions = lora_reductions(T, K, N, r)
     for name, g, e in zip(("y", "dx", "dA", "dB"), got, expected):
-        assert_close(name, g, e, atol * max(1.0, K ** 0.5), rtol)
+        assert_close_scaled(name, g, e, reductions[name])
 
 
 def check_half_against_fp32(x, weight, b, lora_A, lora_B, dy, p, seed=77, factor=3.0):
     """flash-attention's rule: error vs an fp32 reference <= factor * the eager same-dtype error."""
     scaling = 0.5
+    (T, K), (N, r) = x.shape, lora_B.shape
+    reductions = lora_reductions(T, K, N, r)
     upcast = [t.float() if t is not None else None for t in (x, weight, b, lora_A, lora_B)]
     ref32 = run(reference(scaling, p, seed), *upcast, dy.float())
     eager = run(reference(scaling, p, seed), x, weight, b, lora_A, lora_B, dy)
@@ -182,7 +172,7 @@ def check_half_against_fp32(x, weight, b, lora_A, lora_B, dy, p, seed=77, factor
         assert g.dtype == e.dtype, f"{name}: dtype {g.dtype}, eager {e.dtype}"
         err = (g.float() - r32).abs().max().item()
         eager_err = (e.float() - r32).abs().max().item()
-        floor = 1e-5 * max(1.0, r32.abs().max().item())
+        floor = scaled_atol(r32, reductions[name])  # where the eager error happens to be ~0
         assert err <= factor * eager_err + floor, (
             f"{name}: error vs fp32 {err:.3g} > {factor} x eager {x.dtype} error {eager_err:.3g}")
 
@@ -215,12 +205,13 @@ def test_three_dim_and_non_contiguous_x(p):
         "column slice": torch.randn(4, 9, 80)[..., ::2],
         "row slice": torch.randn(8, 9, 40)[::2],
     }
+    reductions = lora_reductions(T=36, K=40, N=24, r=8)
     for name, xv in layouts.items():
         dy = torch.randn(*xv.shape[:-1], 24)
         got = run(fused(2.0, p, 5), xv, weight, b, lora_A, lora_B, dy)
         expected = run(reference(2.0, p, 5), xv, weight, b, lora_A, lora_B, dy)
         for what, g, e in zip(("y", "dx", "dA", "dB"), got, expected):
-            assert_close(f"{name} {what}", g, e, 1e-4, 1e-5)
+            assert_close_scaled(f"{name} {what}", g, e, reductions[what])
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
@@ -228,6 +219,7 @@ def test_only_the_needed_gradients(p):
     x, weight, b, lora_A, lora_B = make_inputs((50, 70, 30), 4, torch.float32)
     dy = torch.randn(50, 30)
     full = run(reference(1.5, p, 3), x, weight, b, lora_A, lora_B, dy)
+    reductions = lora_reductions(T=50, K=70, N=30, r=4)
     for needs in [(True, False, False), (False, True, False), (False, False, True), (False, True, True)]:
         xs = x.clone().requires_grad_(needs[0])
         As = lora_A.clone().requires_grad_(needs[1])
@@ -235,7 +227,7 @@ def test_only_the_needed_gradients(p):
         fused_lora.fused_lora_linear(xs, weight, b, As, Bs, 1.5, p, seed=3, backend="cpu").backward(dy)
         for name, t, need, e in zip(("dx", "dA", "dB"), (xs, As, Bs), needs, full[1:]):
             if need:
-                assert_close(f"{needs} {name}", t.grad, e, 1e-4, 1e-5)
+                assert_close_scaled(f"{needs} {name}", t.grad, e, reductions[name])
             else:
                 assert t.grad is None
 
@@ -255,18 +247,32 @@ def test_gradcheck_float64_with_dropout():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bit_identical_across_thread_counts(dtype):
+    """The fused loops sum in a fixed order whatever the thread count.
+
+    The base GEMMs (x W^T, dy W) are ATen's: MKL's AVX2 kernels sum in another order
+    at 1 and 2 threads, so y and dx are bit-identical only with a zero weight (the
+    GEMM then adds exact zeros to what the fused loops wrote); dA and dB never touch
+    the weight. With the real weight, y and dx agree within the suite's tolerance.
+    """
     x, weight, b, lora_A, lora_B = make_inputs((300, 600, 200), 16, dtype, torch.float32)
     dy = torch.randn(300, 200).to(dtype)
     before = torch.get_num_threads()
-    results = []
+    results, zero_weight = [], []
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
             results.append(run(fused(0.5, 0.1, 42), x, weight, b, lora_A, lora_B, dy))
+            zero_weight.append(run(fused(0.5, 0.1, 42), x, torch.zeros_like(weight), b, lora_A, lora_B, dy))
     finally:
         torch.set_num_threads(before)
-    for name, one, two in zip(("y", "dx", "dA", "dB"), *results):
+    for name, one, two in zip(("y", "dx", "dA", "dB"), *zero_weight):
         assert torch.equal(one, two), f"{name}: 1 and 2 threads differ by {(one - two).abs().max().item()}"
+    reductions = lora_reductions(300, 600, 200, 16)
+    for name, one, two in zip(("y", "dx", "dA", "dB"), *results):
+        if name in ("dA", "dB"):
+            assert torch.equal(one, two), f"{name}: 1 and 2 threads differ by {(one - two).abs().max().item()}"
+        else:
+            assert_close_scaled(f"{name} at 2 threads", two, one, reductions[name])
 
 
 def test_saved_for_backward_is_x_and_xa_only():

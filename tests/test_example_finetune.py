@@ -10,6 +10,8 @@ import torch
 from fused_lora import FusedLoRALinear
 from fused_lora.backends import _runs_on
 
+from tolerances import assert_close_scaled
+
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
@@ -48,7 +50,10 @@ def test_loss_matches_peft_step_for_step(backend):
     ours = fused_model.model.layers[1].mlp.down_proj.lora_B
     theirs = peft_model.base_model.model.model.layers[1].mlp.down_proj.lora_B["default"].weight
     assert ours.abs().max() > 0
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    # AdamW divides by sqrt(v): a gradient's rounding difference moves an update by more
+    # than the gradient's own relative error, so n counts the 5 steps over the model's chain.
+    # The example's model: hidden 32, intermediate 85, 2 layers, 2 x 24 tokens a batch.
+    assert_close_scaled("trained lora_B", ours, theirs, 5 * (2 * (3 * 32 + 85) + 32 + 2 * 24))
     assert fused_result["peak_bytes"] > 0 and fused_result["tokens_per_s"] > 0
 
 

@@ -24,3 +24,15 @@ def tiny_llama(seed=0, **overrides):
 
 def token_batch(batch=2, length=10, vocab=96, seed=1):
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def reduction_length(config=None, tokens: int = 0) -> int:
+    """The summed reduction lengths along a tiny Llama's deepest chain (tolerances.py's n).
+
+    Per layer: q/k/v and o_proj over hidden_size, up over hidden_size, down over
+    intermediate_size; then lm_head over hidden_size. Gradients of the weights also
+    reduce over the ``tokens`` of the batch.
+    """
+    config = config or tiny_llama_config()
+    per_layer = 3 * config.hidden_size + config.intermediate_size
+    return config.num_hidden_layers * per_layer + config.hidden_size + tokens

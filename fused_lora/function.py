@@ -25,26 +25,19 @@ import torch
 
 from . import custom_ops
 from .backends import backend_ops, saves_keep_bits
-from .checks import MAX_SEED, check_seed
+from .checks import MAX_SEED, check_seed, check_seed_tensor
 from .torch_ops import accumulation_dtype
 
 
 def seed_argument(seed):
-    """None, an int in [0, 2**63), or a 0-d int64 tensor (checked on the host when it lives there)."""
+    """None, an int in [0, 2**63), or a 0-d int64 tensor (its value checked where reading it is free)."""
     if seed is None:
         return None
     if type(seed) is int and 0 <= seed < MAX_SEED:
         return seed
     if isinstance(seed, torch.Tensor):
-        if seed.dim() != 0 or seed.dtype != torch.int64:
-            raise TypeError(f"seed: expected an int in [0, 2**63) or a 0-d int64 tensor, got a tensor of "
-                            f"shape {tuple(seed.shape)} and dtype {seed.dtype}")
-        if seed.device.type == "cpu" and not torch.compiler.is_compiling():
-            check_seed(int(seed))  # NOTE: a value check would be a host sync on a GPU, and a graph break
-        return seed
-    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
-        return check_seed(seed)
-    raise TypeError(f"seed: expected an int in [0, 2**63) or a 0-d int64 tensor, got {type(seed).__name__}")
+        return check_seed_tensor(seed)
+    return check_seed(seed)  # a TypeError or ValueError naming the seed
 
 
 def _seed_tensor(seed) -> torch.Tensor:

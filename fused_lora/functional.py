@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 
 from .backends import backend_name_for
-from .checks import check_dropout_p, check_lora_inputs, check_scaling
+from .checks import MAX_SCALING, check_dropout_p, check_lora_inputs, check_scaling
 from .dropout import draw_seed
 from .function import FusedLoRAFunction, seed_argument
 
@@ -48,7 +47,7 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
             x, weight, bias, lora_A, lora_B = _autocast_inputs(x, weight, bias, lora_A, lora_B)
     check_lora_inputs(x, weight, bias, lora_A, lora_B)
     # NOTE: the common case (Python floats in range) skips the generic checks' ABC isinstance calls.
-    if type(scaling) is not float or not -math.inf < scaling < math.inf:
+    if type(scaling) is not float or not -MAX_SCALING <= scaling <= MAX_SCALING:
         scaling = check_scaling(scaling)
     if type(dropout_p) is not float or not 0.0 <= dropout_p < 1.0:
         dropout_p = check_dropout_p(dropout_p)

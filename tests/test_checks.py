@@ -232,8 +232,6 @@ def test_seed_tensor_check_passes_valid_seeds_through():
     assert converted.dtype == torch.int64 and converted.dim() == 0 and converted.item() == 7
 
 
-@pytest.mark.xfail(strict=False, reason="FusedLoRAFunction.apply (function.py) does not call "
-                                        "checks.check_seed_tensor yet; the change is on main")
 @pytest.mark.parametrize("seed,error", [(2.5, TypeError), (torch.tensor(5.7), TypeError), (-1, ValueError),
                                         (torch.tensor(-1), ValueError)])
 def test_function_apply_validates_the_seed_on_every_backend(device_backend, seed, error):

@@ -12,13 +12,6 @@ from fused_lora import FusedLoRALinear, apply_lora, fused_lora_linear
 from tiny_models import tiny_llama_config, token_batch
 
 META = torch.device("meta")
-# NOTE: functional.py asks torch.is_autocast_enabled("meta"), which raises "unknown
-# device type for autocast"; the fix belongs to functional.py (being rewritten on main).
-AUTOCAST_QUERY = pytest.mark.xfail(
-    strict=False, reason="functional.py calls torch.is_autocast_enabled on meta; fixed on main")
-
-
-@AUTOCAST_QUERY
 @pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                                  (torch.float64, torch.float64)])
 @pytest.mark.parametrize("p,training", [(0.0, True), (0.3, True), (0.3, False)])
@@ -35,7 +28,6 @@ def test_functional_forward_and_backward_on_meta(dtype, adapter_dtype, p, traini
         assert (grad.shape, grad.dtype, grad.device) == (tensor.shape, tensor.dtype, META)
 
 
-@AUTOCAST_QUERY
 def test_meta_refuses_a_backend_that_needs_data():
     x, weight = torch.empty(3, 8, device=META), torch.empty(4, 8, device=META)
     lora_A, lora_B = torch.empty(2, 8, device=META), torch.empty(4, 2, device=META)
@@ -44,7 +36,6 @@ def test_meta_refuses_a_backend_that_needs_data():
             fused_lora_linear(x, weight, None, lora_A, lora_B, 1.0, backend=backend)
 
 
-@AUTOCAST_QUERY
 def test_layer_built_on_meta_runs_there_and_materialises():
     with torch.device("meta"):
         layer = FusedLoRALinear(24, 12, r=4, lora_dropout=0.1)
@@ -66,7 +57,6 @@ def _count_fused(model):
     return sum(isinstance(m, FusedLoRALinear) for m in model.modules())
 
 
-@AUTOCAST_QUERY
 def test_whole_transformers_model_with_apply_lora_on_meta():
     from transformers import LlamaForCausalLM
 
@@ -84,7 +74,6 @@ def test_whole_transformers_model_with_apply_lora_on_meta():
     assert layer.lora_A.grad is not None and layer.lora_A.grad.device == META
 
 
-@AUTOCAST_QUERY
 def test_init_empty_weights_then_apply_lora():
     accelerate = pytest.importorskip("accelerate")
     from transformers import LlamaForCausalLM

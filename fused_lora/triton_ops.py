@@ -410,6 +410,23 @@ def _persistent_programs(tiles: int, device) -> int:
     return max(1, min(tiles, 3))  # the interpreter: several tiles per program
 
 
+def _persistent_tma_launch(kernel, config: GemmConfig, rows: int, cols: int, dtype, device, constexprs: dict):
+    """(output descriptor factory, launch) of a persistent TMA GEMM writing a (rows, cols) tensor.
+
+    The config's BLOCK_M x BLOCK_N is the output tile; EPILOGUE_SUBTILE stores it in two halves.
+    """
+    tiles = triton.cdiv(rows, config.BLOCK_M) * triton.cdiv(cols, config.BLOCK_N)
+    programs = _persistent_programs(tiles, device)
+    store_cols = config.BLOCK_N // 2 if config.EPILOGUE_SUBTILE else config.BLOCK_N
+    out_desc = _descriptor_factory(torch.empty(16, dtype=dtype, device=device), (rows, cols), (cols, 1),
+                                   (config.BLOCK_M, store_cols))
+    launch = _Launch(kernel, (programs,),
+                     dict(constexprs, NUM_PROGRAMS=programs, EPILOGUE_SUBTILE=config.EPILOGUE_SUBTILE,
+                          WARP_SPECIALIZE=config.WARP_SPECIALIZE),
+                     dict(num_warps=config.num_warps, num_stages=config.num_stages), _grid_device(device))
+    return out_desc, launch
+
+
 # The configs the tuner times, by index into TMA_GEMM_CONFIGS / POINTER_GEMM_CONFIGS: a few,
 # since each costs a compilation on a fresh machine (bench/gpu_kernels.py times them all).
 # The dx kernel with dropout needs more shared memory in its epilogue (kernels/common.py).
@@ -548,16 +565,9 @@ class _ForwardPlan:
                       BLOCK_K=config.BLOCK_K, GROUP_M=config.GROUP_M)
         options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
         if kind == "tma":
-            tiles = triton.cdiv(T, config.BLOCK_M) * triton.cdiv(N, config.BLOCK_N)
-            programs = _persistent_programs(tiles, device)
-            store_n = config.BLOCK_N // 2 if config.EPILOGUE_SUBTILE else config.BLOCK_N
             x_desc = _descriptor_factory(x2d, (T, K), x2d.stride(), (config.BLOCK_M, config.BLOCK_K))
             w_desc = _descriptor_factory(weight, (N, K), weight.stride(), (config.BLOCK_N, config.BLOCK_K))
-            y_desc = _descriptor_factory(torch.empty(16, dtype=dtype, device=device), (T, N), (N, 1),
-                                         (config.BLOCK_M, store_n))
-            launch = _Launch(_lora_fwd_tma_kernel, (programs,),
-                             dict(common, NUM_PROGRAMS=programs, EPILOGUE_SUBTILE=config.EPILOGUE_SUBTILE,
-                                  WARP_SPECIALIZE=config.WARP_SPECIALIZE), options, _grid_device(device))
+            y_desc, launch = _persistent_tma_launch(_lora_fwd_tma_kernel, config, T, N, dtype, device, common)
             static = (T, N, K, R, xa.stride(0), xa.stride(1), lora_B.stride(0), lora_B.stride(1), float(scaling))
 
             def tma(x2d, weight, bias, lora_B, xa, y):
@@ -703,16 +713,9 @@ class _BackwardPlan:
         options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
         bits_stride = triton.cdiv(K, 8)
         if kind == "tma":
-            tiles = triton.cdiv(T, config.BLOCK_M) * triton.cdiv(K, config.BLOCK_N)
-            programs = _persistent_programs(tiles, device)
-            store_k = config.BLOCK_N // 2 if config.EPILOGUE_SUBTILE else config.BLOCK_N
             dy_desc = _descriptor_factory(dy, (T, N), dy.stride(), (config.BLOCK_M, config.BLOCK_K))
             w_desc = _descriptor_factory(weight, (N, K), weight.stride(), (config.BLOCK_K, config.BLOCK_N))
-            dx_desc = _descriptor_factory(torch.empty(16, dtype=dtype, device=device), (T, K), (K, 1),
-                                          (config.BLOCK_M, store_k))
-            launch = _Launch(_lora_bwd_dx_tma_kernel, (programs,),
-                             dict(common, NUM_PROGRAMS=programs, EPILOGUE_SUBTILE=config.EPILOGUE_SUBTILE,
-                                  WARP_SPECIALIZE=config.WARP_SPECIALIZE), options, gd)
+            dx_desc, launch = _persistent_tma_launch(_lora_bwd_dx_tma_kernel, config, T, K, dtype, device, common)
             static = (T, N, K, R, R, 1, lora_A.stride(0), lora_A.stride(1), bits_stride,
                       a["scaling"][0], a["threshold"], a["dscale"][0])
 

@@ -113,3 +113,17 @@ def _zeros_acc(ROWS: tl.constexpr, COLS: tl.constexpr, IS_FP64: tl.constexpr):
         return tl.zeros((ROWS, COLS), dtype=tl.float64)
     else:
         return tl.zeros((ROWS, COLS), dtype=tl.float32)
+
+
+@triton.jit
+def _store_tile(desc, acc, row, col, BLOCK_N: tl.constexpr, EPILOGUE_SUBTILE: tl.constexpr):
+    """Store an fp32 (rows, BLOCK_N) accumulator through a tensor descriptor in its dtype,
+    whole or (EPILOGUE_SUBTILE) as two (rows, BLOCK_N // 2) halves, which halves the
+    shared-memory staging buffer of the TMA store."""
+    if EPILOGUE_SUBTILE:
+        halves = tl.permute(tl.reshape(acc, (acc.shape[0], 2, BLOCK_N // 2)), (0, 2, 1))
+        acc0, acc1 = tl.split(halves)
+        desc.store([row, col], acc0.to(desc.dtype))
+        desc.store([row, col + BLOCK_N // 2], acc1.to(desc.dtype))
+    else:
+        desc.store([row, col], acc.to(desc.dtype))

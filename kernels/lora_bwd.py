@@ -13,7 +13,7 @@ the same bits.
 import triton
 import triton.language as tl
 
-from .common import _grouped_tile, _scalar, _zeros_acc
+from .common import _grouped_tile, _scalar, _store_tile, _zeros_acc
 from .dropout_mask import _keep_tile, _load_keep_bits
 
 
@@ -252,13 +252,7 @@ def _lora_bwd_dx_tma_kernel(
             # (what lets a 128x256 tile with subtiled stores fit on sm_90).
             lora = lora * keep.to(tl.float16).to(tl.float32) * dropout_scale
         acc += lora
-        if EPILOGUE_SUBTILE:
-            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_K // 2)), (0, 2, 1))
-            acc0, acc1 = tl.split(halves)
-            dx_desc.store([pid_m * BLOCK_M, k_start], acc0.to(dot_dtype))
-            dx_desc.store([pid_m * BLOCK_M, k_start + BLOCK_K // 2], acc1.to(dot_dtype))
-        else:
-            dx_desc.store([pid_m * BLOCK_M, k_start], acc.to(dot_dtype))
+        _store_tile(dx_desc, acc, pid_m * BLOCK_M, k_start, BLOCK_K, EPILOGUE_SUBTILE)
 
 
 @triton.jit

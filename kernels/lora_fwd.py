@@ -13,7 +13,7 @@ Two kernels compute it:
 import triton
 import triton.language as tl
 
-from .common import _grouped_tile, _scalar, _zeros_acc
+from .common import _grouped_tile, _scalar, _store_tile, _zeros_acc
 
 
 @triton.jit
@@ -145,10 +145,4 @@ def _lora_fwd_tma_kernel(
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
             acc += bias[None, :].to(tl.float32)
-        if EPILOGUE_SUBTILE:
-            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
-            acc0, acc1 = tl.split(halves)
-            y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc0.to(dot_dtype))
-            y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2], acc1.to(dot_dtype))
-        else:
-            y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(dot_dtype))
+        _store_tile(y_desc, acc, pid_m * BLOCK_M, pid_n * BLOCK_N, BLOCK_N, EPILOGUE_SUBTILE)

@@ -164,9 +164,22 @@ def _autocast_dtype(tensor: torch.Tensor | None, device_type: str):
 
 def _plain_linear(module: nn.Module) -> bool:
     """An ``nn.Linear`` computing exactly ``F.linear``: no subclass forward, no patched forward, no hooks."""
-    return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
-            and "forward" not in vars(module) and not module._forward_hooks and not module._forward_pre_hooks
-            and not _is_quantised(module))
+    if type(module) is not nn.Linear and not (isinstance(module, nn.Linear)
+                                              and type(module).forward is nn.Linear.forward):
+        return False
+    state = module.__dict__
+    if "forward" in state or state["_forward_hooks"] or state["_forward_pre_hooks"]:
+        return False
+    weight = state["_parameters"].get("weight")
+    if type(weight) is nn.Parameter and weight.dtype in SUPPORTED_DTYPES:
+        return True  # NOTE: the common case, without _is_quantised's string tests (this runs every call)
+    return not _is_quantised(module)
+
+
+def _global_module_hooks() -> bool:
+    """Forward hooks registered for every module (they would run around PEFT's base and adapter calls)."""
+    hooks = nn.modules.module
+    return bool(getattr(hooks, "_global_forward_hooks", None) or getattr(hooks, "_global_forward_pre_hooks", None))
 
 
 def fused_adapter(module, x: torch.Tensor | None = None) -> tuple[str | None, str | None]:
@@ -179,27 +192,30 @@ def fused_adapter(module, x: torch.Tensor | None = None) -> tuple[str | None, st
         return None, "its adapters are disabled"
     if module.merged:
         return None, f"its adapters {module.merged_adapters} are merged into the base weight"
-    present = [name for name in module.active_adapters if name in module.lora_A]
+    present = [name for name in module.active_adapters if name in module._modules["lora_A"]]
     if len(present) != 1:
         return None, f"it has {len(present)} active adapters {present}"
     adapter = present[0]
     if adapter in module.lora_variant or module.use_dora.get(adapter, False):
         variant = module.lora_variant.get(adapter)
         return None, f"adapter {adapter!r} uses the LoRA variant {type(variant).__name__ if variant else 'DoRA'}"
-    lora_A, lora_B = module.lora_A[adapter], module.lora_B[adapter]
+    children = module._modules  # NOTE: direct lookups; nn.Module.__getattr__ is slow and this runs every call
+    lora_A, lora_B = children["lora_A"][adapter], children["lora_B"][adapter]
     if not (_plain_linear(lora_A) and _plain_linear(lora_B)) or lora_A.bias is not None:
         return None, f"adapter {adapter!r} has lora_A / lora_B other than bias-free nn.Linear"
     if lora_B.bias is not None:
         return None, f"adapter {adapter!r} uses lora_bias=True"
-    dropout = module.lora_dropout[adapter]
+    dropout = children["lora_dropout"][adapter]
     if type(dropout) not in (nn.Dropout, nn.Identity) or vars(dropout).get("forward") is not None \
             or (type(dropout) is nn.Dropout and not 0.0 <= dropout.p < 1.0):
         return None, f"adapter {adapter!r} uses {dropout!r} as LoRA dropout (fused: nn.Dropout with p < 1)"
     if getattr(module, "fan_in_fan_out", False):
         return None, "it uses fan_in_fan_out=True"
-    base = module.base_layer
+    base = children["base_layer"]
     if not _plain_linear(base):
         return None, f"its base layer is a {type(base).__name__}, not a plain unquantised nn.Linear"
+    if _global_module_hooks():
+        return None, "global module forward hooks are registered"
     if torch.is_grad_enabled() and (base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)):
         return None, "its base layer is trainable (fused_lora computes no gradient for it)"
     weight_A, weight_B = lora_A.weight, lora_B.weight

@@ -254,3 +254,39 @@ def test_mixed_batch_adapter_names_use_peft_s_forward(fused_calls):
         theirs = plain(ids, adapter_names=names).logits
     assert_close("logits", ours, theirs, atol=1e-5, rtol=1e-4)
     assert fused_calls == []
+
+
+def test_global_forward_hooks_see_peft_s_calls(fused_calls):
+    converted, plain = _twins()
+    seen = []
+
+    def hook(module, inputs, output):
+        seen.append(type(module).__name__.replace("FusedPeftLinear", "Linear"))  # PEFT's class is also "Linear"
+        return output * 1.5 if isinstance(module, nn.Linear) and output.shape[-1] == 4 else output  # edits lora_A
+
+    handle = nn.modules.module.register_module_forward_hook(hook)
+    try:
+        ours = _logits(converted)
+        ours_seen, seen[:] = list(seen), []
+        theirs = _logits(plain)
+    finally:
+        handle.remove()
+    assert fused_calls == []
+    assert ours_seen == seen and seen.count("Linear") > LAYERS
+    assert_close("logits", ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_adapters_on_disk_from_a_converted_model(tmp_path):
+    from fused_lora import load_adapter, save_adapter
+
+    converted, plain = _twins()
+    save_adapter(converted, tmp_path / "saved", task_type="CAUSAL_LM")
+    reloaded = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "saved"))
+    assert_close("logits", _logits(reloaded), _logits(plain), atol=1e-5, rtol=1e-4)
+
+    target = from_peft(peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2,
+                                                                         target_modules=TARGETS)))
+    load_adapter(target, tmp_path / "saved")  # into the PEFT modules' own parameters
+    assert_close("logits", _logits(target), _logits(plain), atol=1e-5, rtol=1e-4)
+    q_proj = target.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(q_proj.lora_dropout["default"]) is nn.Identity  # the file's lora_dropout, 0.0

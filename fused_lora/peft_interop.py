@@ -250,11 +250,12 @@ def _fused_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         adapter, _ = fused_adapter(module, x)
     if adapter is None:
         return _peft_lora_types()[1].forward(module, x, *args, **kwargs)
-    base = module.base_layer
-    dropout = module.lora_dropout[adapter]
+    children = module._modules
+    base = children["base_layer"]
+    dropout = children["lora_dropout"][adapter]
     p = float(dropout.p) if type(dropout) is nn.Dropout else 0.0
-    return fused_lora_linear(x, base.weight, base.bias, module.lora_A[adapter].weight,
-                             module.lora_B[adapter].weight, float(module.scaling[adapter]), p,
+    return fused_lora_linear(x, base.weight, base.bias, children["lora_A"][adapter].weight,
+                             children["lora_B"][adapter].weight, float(module.scaling[adapter]), p,
                              training=bool(dropout.training), backend=module.fused_lora_backend)
 
 
@@ -288,7 +289,7 @@ def __getattr__(name):
 
 def _check_convertible(name: str, module, peft_linear_type) -> None:
     """Refuse what could never take the fused path (a layer type, a base layer, a variant the user chose)."""
-    if not isinstance(module, peft_linear_type):
+    if type(module) not in (peft_linear_type, fused_peft_linear_type()):  # a subclass may compute otherwise
         base = module.get_base_layer() if hasattr(module, "get_base_layer") else None
         kind = "a quantised base layer" if base is not None and _is_quantised(base) else "this layer type"
         raise ValueError(f"from_peft: module {name!r} is a {type(module).__module__}.{type(module).__name__} "

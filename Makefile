@@ -30,7 +30,8 @@ $(BENCH_DEPS): $(DEPS) requirements-bench.txt
 	touch $(BENCH_DEPS)
 
 # The default sweep on the best device present (CUDA if available, else CPU);
-# results in bench/results/. More options: $(PY) -m bench --help
+# results in bench/results/scratch/ (untracked; $(PY) -m bench --publish writes bench/results/).
+# More options: $(PY) -m bench --help
 bench: install $(BENCH_DEPS)
 	$(PY) -m bench
 

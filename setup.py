@@ -1,27 +1,78 @@
 """fused_lora: the packages fused_lora and fused_lora.kernels (from kernels/),
-and the optional C++ CPU backend fused_lora._C (from csrc/).
+and the C++ CPU backend fused_lora._C (from csrc/).
 
-FUSED_LORA_SKIP_EXT=1 skips the C++ build; so does an environment without
-torch's extension tooling. Without the extension the "cpu" backend is simply
-unavailable and CPU tensors run on the "torch" backend.
+Building the C++ backend needs torch installed first (so pip needs
+``--no-build-isolation``), a C++ compiler (g++ or clang++), and preferably ninja
+(parallel, incremental builds). It is never dropped silently: without torch or a
+compiler the build stops with a message saying what to do. FUSED_LORA_SKIP_EXT=1
+installs the Python package alone, on purpose; CPU tensors then run on the slower
+"torch" backend, with a warning at first use.
 """
 
 import glob
 import os
+import shutil
 import sys
+import time
 
 from setuptools import setup
 
+# NOTE: torch.library.custom_op / register_fake, torch.is_autocast_enabled(device_type) and
+# torch.get_autocast_dtype arrived in torch 2.4; fused_lora/__init__.py checks the same floor.
+MIN_TORCH = "2.4"
+SKIP_VARIABLE = "FUSED_LORA_SKIP_EXT"
+
+
+def _message(text: str) -> None:
+    print(f"fused_lora: {text}", file=sys.stderr, flush=True)
+
+
+def _stop(text: str) -> None:
+    raise SystemExit(f"fused_lora: {text}\n  To install without the C++ CPU backend on purpose, set {SKIP_VARIABLE}=1.")
+
+
+def _build_extension_class(base):
+    class BuildExtension(base):
+        """torch's BuildExtension, saying what it builds, with what, how long it took, and what to do on failure."""
+
+        def run(self):
+            compiler = os.environ.get("CXX") or "c++"
+            if shutil.which(compiler) is None:
+                _stop(f"building the C++ CPU backend needs a C++ compiler, and {compiler!r} was not found "
+                      f"(install g++ or clang++, e.g. `apt-get install g++`, or set CXX).")
+            sources = sum(len(extension.sources) for extension in self.extensions)
+            ninja = shutil.which("ninja") is not None
+            _message(f"building the C++ CPU backend fused_lora._C: {sources} files with {compiler}, "
+                     + ("ninja found (parallel). " if ninja else "ninja not found: one file at a time "
+                        "(`pip install ninja` makes it faster). ")
+                     + "Takes minutes on a small machine; `pip install -v` shows each file as it compiles.")
+            started = time.perf_counter()
+            try:
+                super().run()
+            except Exception as error:
+                _stop(f"building the C++ CPU backend failed ({type(error).__name__}: {error}); "
+                      f"the compiler's messages are above.")
+            _message(f"built fused_lora._C in {time.perf_counter() - started:.0f} s")
+
+    return BuildExtension
+
 
 def extension_kwargs():
-    """ext_modules and cmdclass for fused_lora._C, or {} when it is not built."""
-    if os.environ.get("FUSED_LORA_SKIP_EXT") == "1":
+    """ext_modules and cmdclass for fused_lora._C, or {} when FUSED_LORA_SKIP_EXT=1."""
+    if os.environ.get(SKIP_VARIABLE) == "1":
+        _message(f"{SKIP_VARIABLE}=1: installing without the C++ CPU backend (CPU tensors will run on the "
+                 f"slower 'torch' backend)")
         return {}
     try:
+        import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension
-    except Exception as error:  # torch missing or broken: install the Python package only
-        print(f"fused_lora: not building the C++ extension ({error!r})", file=sys.stderr)
-        return {}
+    except Exception as error:  # noqa: BLE001 (torch missing or broken)
+        _stop(f"cannot build the C++ CPU backend: torch is not importable here ({type(error).__name__}: {error}). "
+              f"Install torch>={MIN_TORCH} first, then `pip install --no-build-isolation .` (pip's default build "
+              f"isolation hides the installed torch).")
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if version < tuple(int(part) for part in MIN_TORCH.split(".")):
+        _stop(f"fused_lora needs torch>={MIN_TORCH}, and the build sees torch {torch.__version__}.")
     here = os.path.dirname(os.path.abspath(__file__))
     sources = sorted(os.path.relpath(path, here) for path in glob.glob(os.path.join(here, "csrc", "*.cpp")))
     # NOTE: -fopenmp makes at::parallel_for (an inline OpenMP region in the
@@ -33,18 +84,22 @@ def extension_kwargs():
         extra_compile_args=["-O3", "-ffp-contract=fast", "-Wno-psabi"] + openmp,
         extra_link_args=openmp,
     )
-    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": _build_extension_class(BuildExtension)}}
 
 
 setup(
     name="fused_lora",
     version="0.1.0",
     description="Fused LoRA linear layers: Triton kernels (GPU), C++ (CPU), PyTorch fallback",
+    license="MIT",
+    license_files=["LICENSE"],
     packages=["fused_lora", "fused_lora.kernels"],
     package_dir={"fused_lora": "fused_lora", "fused_lora.kernels": "kernels"},
+    package_data={"fused_lora": ["configs/*.json"]},
     python_requires=">=3.9",
-    install_requires=["torch>=2.1", "numpy"],
-    extras_require={"triton": ["triton>=3.6"], "test": ["pytest", "peft"]},
+    install_requires=[f"torch>={MIN_TORCH}", "numpy"],
+    extras_require={"triton": ["triton>=3.6"], "test": ["pytest", "peft", "transformers"],
+                    "calculator": ["transformers"]},
     entry_points={"console_scripts": ["fused-lora-memory=fused_lora.memory:main"]},
     **extension_kwargs(),
 )

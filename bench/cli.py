@@ -1,8 +1,10 @@
 """python -m bench: LoRA linear fwd / bwd / fwd+bwd against PEFT, torch.compile and the frozen-linear limit.
 
 Every row is timed in the same run as a frozen nn.Linear on the same inputs,
-so every figure is also a ratio to the limit. Writes
-bench/results/<device>-<date>.{csv,json,png} (and -e2e.csv) and prints a table.
+so every figure is also a ratio to the limit. Prints a table and writes
+<device>-<date>[-quick].{csv,json,png} (and -e2e.csv) to bench/results/scratch/
+(not tracked by git), or to bench/results/ with --publish, or to --out-dir / $OUT.
+Shapes are in_features x out_features (KxN), as in the calculator.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from .providers import PROVIDERS
 from .sweep import Case, run_case
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+SCRATCH_DIR = os.path.join(RESULTS_DIR, "scratch")  # in .gitignore
+NOISE_LIMIT = 0.10  # warn when a row's p20-p80 spread exceeds this fraction of its median
 
 # (K, N, T) defaults. CPU: scaled down to finish in about 5 minutes on 2 cores.
 CPU_CASES = [(1024, 1024, 1024), (1024, 1024, 4096), (2048, 2048, 1024), (2048, 2048, 4096), (2048, 5632, 1024)]
@@ -39,7 +43,7 @@ def _floats(text):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    parser.add_argument("--shapes", help="comma-separated KxN, e.g. 4096x4096,4096x14336")
+    parser.add_argument("--shapes", help="comma-separated KxN (in_features x out_features), e.g. 4096x4096,4096x14336")
     parser.add_argument("--tokens", help="comma-separated T (rows of x)")
     parser.add_argument("--ranks", help="comma-separated r (default: 16 on CPU, 16,64 on GPU)")
     parser.add_argument("--dropout", help="comma-separated p (default 0,0.1)")
@@ -55,9 +59,51 @@ def parse_args(argv=None):
     parser.add_argument("--warm-part", help="i/n: run fused_lora once on part i of n of the cases, untimed, "
                                             "to fill Triton's cache from several processes first")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    parser.add_argument("--out-dir", default=os.environ.get("OUT") or RESULTS_DIR)
-    parser.add_argument("--name", help="file stem (default <device>-<date>)")
-    return parser.parse_args(argv)
+    parser.add_argument("--publish", action="store_true",
+                        help=f"write to {os.path.relpath(RESULTS_DIR)}/ (tracked by git) instead of "
+                             f"{os.path.relpath(SCRATCH_DIR)}/")
+    parser.add_argument("--out-dir", help=f"output folder (default: $OUT if set, else {os.path.relpath(SCRATCH_DIR)}/, "
+                                          f"or {os.path.relpath(RESULTS_DIR)}/ with --publish)")
+    parser.add_argument("--name", help="file stem (default <device>-<date>, with -quick for --quick)")
+    args = parser.parse_args(argv)
+    if args.out_dir is None:
+        args.out_dir = RESULTS_DIR if args.publish else (os.environ.get("OUT") or SCRATCH_DIR)
+    elif args.publish:
+        parser.error("--publish: writes to bench/results/; leave out --out-dir")
+    return args
+
+
+def noisy_rows(rows, limit: float = NOISE_LIMIT) -> list[str]:
+    """One line per timed row whose repeats disagree (p20-p80 spread over ``limit`` of the median), and per
+    LoRA row faster than the frozen linear it cannot beat (ratio < 0.95): both mean a busy machine."""
+    lines = []
+    for row in rows:
+        if row.get("status") != "ok" or not row.get("median_ms"):
+            continue
+        case = f"{row['K']}x{row['N']} T={row['T']} r={row['r']} p={row['p']} {row['provider']} {row['mode']}"
+        spread = (row["p80_ms"] - row["p20_ms"]) / row["median_ms"]
+        if spread > limit:
+            lines.append(f"{case}: p20-p80 spread {100 * spread:.0f}% of the median")
+        ratio = row.get("ratio_to_linear")
+        if row["provider"] != "linear" and ratio is not None and ratio < 0.95:
+            lines.append(f"{case}: {ratio:.2f}x the frozen linear, below the limit")
+    return lines
+
+
+def _progress(items, **kwargs):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, **kwargs)
+
+
+def _can_plot() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def cases_from(args, device) -> list[Case]:
@@ -122,12 +168,10 @@ def main(argv=None) -> int:
     if args.warm_part:
         return warm(cases, providers, device, args.warm_part)
     meta = report.metadata(device)
-    stem = args.name or f"{device.type}-{datetime.date.today().isoformat()}"
+    stem = args.name or f"{device.type}-{datetime.date.today().isoformat()}" + ("-quick" if args.quick else "")
     os.makedirs(args.out_dir, exist_ok=True)
     print(f"fused_lora benchmark on {meta['device_name']} ({meta['threads']} threads), torch {meta['torch']}, "
           f"triton {meta['triton']}, peft {meta['peft']}, commit {meta['git_commit']}", flush=True)
-
-    from tqdm import tqdm
 
     written = []
     rows = []
@@ -135,7 +179,7 @@ def main(argv=None) -> int:
         csv_path = os.path.join(args.out_dir, f"{stem}.csv")
         csv_writer = report.CsvWriter(csv_path, meta)
         written.append(csv_path)
-    for case in tqdm(cases, desc="cases", unit="case", file=sys.stderr):
+    for case in _progress(cases, desc="cases", unit="case", file=sys.stderr):
         case_rows = run_case(case, providers, device, repeats)
         csv_writer.append(case_rows)
         rows += case_rows
@@ -158,16 +202,24 @@ def main(argv=None) -> int:
             writer.writeheader()
             writer.writerows(e2e_rows)
         written.append(e2e_path)
+    noise = noisy_rows(rows)
     json_path = os.path.join(args.out_dir, f"{stem}.json")
     report.write_json(json_path, meta, {"command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
                                         "cases": len(cases), "providers": providers, "repeats": repeats,
-                                        "end_to_end": e2e_rows})
+                                        "end_to_end": e2e_rows, "noisy_rows": noise})
     written.append(json_path)
+    if noise:
+        print(f"\nwarning: noisy timings in {len(noise)} rows (busy machine?); rerun with more --repeats "
+              f"on a quiet machine before trusting them:")
+        print("\n".join("  " + line for line in noise))
     if rows and not args.no_plot:
-        from .plot import plot
+        if _can_plot():
+            from .plot import plot
 
-        png_path = os.path.join(args.out_dir, f"{stem}.png")
-        plot(csv_path, png_path)
-        written.append(png_path)
+            png_path = os.path.join(args.out_dir, f"{stem}.png")
+            plot(csv_path, png_path)
+            written.append(png_path)
+        else:
+            print("\nno plot: matplotlib is not installed (pip install matplotlib, or pass --no-plot)")
     print("\nwrote " + ", ".join(os.path.relpath(p) for p in written))
     return 0

@@ -3,9 +3,11 @@
 Usage (also installed as the command ``fused-lora-memory``)::
 
     python -m fused_lora.memory --params 175e9 --dtype fp32
-    python -m fused_lora.memory --shape 100x100 --r 2
+    python -m fused_lora.memory --shape 4096x4096 --shape 4096x1024 --r 16
     python -m fused_lora.memory --config mt0-large --target-modules q v --r 8
     python -m fused_lora.memory --config path/to/config.json --target-modules q_proj v_proj --dtype bf16
+
+A weight's shape is written in_features x out_features (``KxN``), as in the benchmark.
 
 What is counted, per training setup (activations are not: they depend on batch and sequence):
 
@@ -13,26 +15,26 @@ What is counted, per training setup (activations are not: they depend on batch a
   moments in fp32 (8 bytes per parameter), plus an fp32 master copy of the weights when
   ``dtype`` is fp16/bf16 (mixed-precision training);
 * LoRA: the frozen weights in ``dtype``, the adapters in fp32 (PEFT's default), their
-  gradients in fp32 and their Adam moments; a targeted (d_out, d_in) weight adds
-  ``r * (d_in + d_out)`` trainable parameters.
+  gradients in fp32 and their Adam moments; a targeted weight of in_features x out_features
+  adds ``r * (in_features + out_features)`` trainable parameters.
 
-Models from a transformers config (a JSON file, a name in ``KNOWN_CONFIGS``, or a name in the
-local Hugging Face cache; never downloaded) are built on the meta device, so nothing is
-allocated and only shapes are read.
+``--config`` takes a transformers config: a JSON file, a name from ``KNOWN_CONFIGS`` (shipped
+with the package in ``fused_lora/configs/``, so no network is needed), or a model in the local
+Hugging Face cache (never downloaded). The model is built on the meta device, so nothing is
+allocated and only shapes are read. ``--params`` and ``--shape`` need neither torch nor
+transformers, and do not import them.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import numbers
 import os
 import sys
 from dataclasses import dataclass
 
-import torch
-import torch.nn as nn
+from .parameters import format_trainable_parameters
 
 BYTES_PER_PARAMETER = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2,
                        "int8": 1, "int4": 0.5}
@@ -42,13 +44,17 @@ ADAPTER_BYTES_PER_PARAMETER = 4  # adapters kept in fp32
 GB = 10 ** 9
 GIB = 2 ** 30
 
-# Architecture values of public checkpoints, so that no download is needed.
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+# Offline configs shipped in CONFIG_DIR (<name>.json), with the other names each answers to
+# (case-insensitive): the Hugging Face hub names of the checkpoints they describe.
 KNOWN_CONFIGS = {
-    # bigscience/mt0-large: the MT5-large architecture.
-    "mt0-large": dict(model_type="mt5", d_model=1024, d_kv=64, num_heads=16, d_ff=2816, num_layers=24,
-                      num_decoder_layers=24, vocab_size=250112, feed_forward_proj="gated-gelu",
-                      tie_word_embeddings=False, is_encoder_decoder=True),
+    "mt0-large": ("bigscience/mt0-large",),
+    "llama-2-7b": ("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b", "Llama-2-7b-hf"),
+    "llama-3-8b": ("meta-llama/Meta-Llama-3-8B", "Meta-Llama-3-8B"),
+    "mistral-7b": ("mistralai/Mistral-7B-v0.1", "Mistral-7B-v0.1"),
+    "gpt-3-175b": ("gpt-3", "gpt3", "gpt3-175b", "gpt-3-175B"),
 }
+_ALIASES = {alias.lower(): name for name, aliases in KNOWN_CONFIGS.items() for alias in (name,) + aliases}
 
 
 def _check_count(name: str, value) -> int:
@@ -57,6 +63,12 @@ def _check_count(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
     return int(value)
+
+
+def _check_rank(r) -> int:
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+        raise ValueError(f"r: expected an int >= 1, got {r!r}")
+    return int(r)
 
 
 def _check_dtype(dtype: str) -> str:
@@ -70,13 +82,11 @@ def weight_bytes(num_params: int, dtype: str = "fp32") -> float:
     return _check_count("num_params", num_params) * BYTES_PER_PARAMETER[_check_dtype(dtype)]
 
 
-def lora_parameter_count(d_in: int, d_out: int, r: int) -> int:
-    """Trainable parameters LoRA adds to one (d_out, d_in) weight: ``r * (d_in + d_out)``."""
-    d_in, d_out = _check_count("d_in", d_in), _check_count("d_out", d_out)
-    r = _check_count("r", r)
-    if r < 1:
-        raise ValueError(f"r: expected an int >= 1, got {r}")
-    return r * (d_in + d_out)
+def lora_parameter_count(in_features: int, out_features: int, r: int) -> int:
+    """Trainable parameters LoRA adds to one in_features x out_features weight: ``r * (in + out)``."""
+    in_features = _check_count("in_features", in_features)
+    out_features = _check_count("out_features", out_features)
+    return _check_rank(r) * (in_features + out_features)
 
 
 @dataclass(frozen=True)
@@ -124,41 +134,80 @@ def percent_fewer(lora_params: int, full_params: int) -> str:
 # Models from transformers configs, on the meta device
 # ---------------------------------------------------------------------------------------------
 
+def known_config(name: str) -> dict:
+    """The values of a shipped offline config (``KNOWN_CONFIGS``, or a name it answers to)."""
+    key = _ALIASES.get(name.lower()) if isinstance(name, str) else None
+    if key is None:
+        raise ValueError(f"config: {name!r} is not a known name; known: {', '.join(KNOWN_CONFIGS)}")
+    with open(os.path.join(CONFIG_DIR, key + ".json"), encoding="utf-8") as handle:
+        values = json.load(handle)
+    return {k: v for k, v in values.items() if not k.startswith("_")}
+
+
+def _config_values(config) -> dict | None:
+    """The raw values of ``config`` (None for a transformers config object, used as it is)."""
+    if isinstance(config, dict):
+        return dict(config)
+    if isinstance(config, (str, os.PathLike)) and os.path.isfile(config):
+        with open(config, encoding="utf-8") as handle:
+            return json.load(handle)
+    if isinstance(config, str) and config.lower() in _ALIASES:
+        return known_config(config)
+    if isinstance(config, str):
+        import transformers
+
+        try:
+            values, _ = transformers.PretrainedConfig.get_config_dict(config, local_files_only=True)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"config: {config!r} is neither a JSON file, a known name ({', '.join(KNOWN_CONFIGS)}), "
+                             f"nor a model in the local Hugging Face cache (nothing is downloaded)") from error
+        return dict(values)
+    if type(config).__module__.split(".")[0] == "transformers" and hasattr(config, "to_dict"):
+        return None
+    raise TypeError(f"config: expected a transformers config, a dict, a JSON file or a name, "
+                    f"got {type(config).__name__}")
+
+
 def load_config(config):
     """A transformers config from a config object, a dict, a JSON file, or a known / locally cached name."""
     import transformers
 
-    if isinstance(config, transformers.PretrainedConfig):
+    values = _config_values(config)
+    if values is None:
         return config
-    if isinstance(config, dict):
-        values = dict(config)
-    elif isinstance(config, (str, os.PathLike)) and os.path.isfile(config):
-        with open(config, encoding="utf-8") as handle:
-            values = json.load(handle)
-    elif isinstance(config, str) and config in KNOWN_CONFIGS:
-        values = dict(KNOWN_CONFIGS[config])
-    elif isinstance(config, str) and config.split("/")[-1] in KNOWN_CONFIGS:
-        values = dict(KNOWN_CONFIGS[config.split("/")[-1]])
-    elif isinstance(config, str):
-        try:
-            return transformers.AutoConfig.from_pretrained(config, local_files_only=True)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"config: {config!r} is neither a JSON file, a known name {sorted(KNOWN_CONFIGS)}, "
-                             f"nor a model in the local Hugging Face cache (nothing is downloaded)") from error
-    else:
-        raise TypeError(f"config: expected a transformers config, a dict, a JSON file or a name, "
-                        f"got {type(config).__name__}")
+    values = {k: v for k, v in values.items() if not k.startswith("_")}
     model_type = values.pop("model_type", None)
     if not model_type:
         raise ValueError("config: the configuration has no 'model_type'")
     return transformers.AutoConfig.for_model(model_type, **values)
 
 
-def model_from_config(config) -> nn.Module:
-    """The model for ``config`` (with its LM head) built on the meta device: shapes only, no memory."""
+def _untie_output_embeddings(model) -> None:
+    """Give the output layer its own weight where the checkpoint has one.
+
+    NOTE: transformers 5 ties MT5's embeddings whatever the config says, but mt0-large's
+    checkpoint (``tie_word_embeddings: false``) holds a separate lm_head: without this the
+    count misses its 256M parameters.
+    """
+    import torch.nn as nn
+
+    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is None or inputs is None or output.weight is not inputs.weight:
+        return
+    output.weight = nn.Parameter(inputs.weight.new_empty(inputs.weight.shape, device="meta"),
+                                 requires_grad=inputs.weight.requires_grad)
+
+
+def model_from_config(config):
+    """The model for ``config`` (with its LM head) built on the meta device: shapes only, no memory.
+
+    Embeddings are tied or not as the config's ``tie_word_embeddings`` says.
+    """
+    import torch
     import transformers
 
-    config = load_config(config)
+    values = _config_values(config)
+    config = load_config(config if values is None else values)
     if getattr(config, "is_encoder_decoder", False):
         classes = (transformers.AutoModelForSeq2SeqLM, transformers.AutoModel)
     else:
@@ -167,22 +216,66 @@ def model_from_config(config) -> nn.Module:
     for cls in classes:
         try:
             with torch.device("meta"):
-                return cls.from_config(config)
+                model = cls.from_config(config)
         except ValueError as error:  # no such head for this architecture
             last_error = error
+            continue
+        if values is not None and values.get("tie_word_embeddings") is False:
+            _untie_output_embeddings(model)
+        return model
     raise ValueError(f"config: transformers has no model class for {type(config).__name__}") from last_error
 
 
-def count_lora_parameters(model: nn.Module, target_modules, r: int) -> int:
-    """Trainable parameters of LoRA rank ``r`` on the targeted linear layers (the model is not changed)."""
-    from .peft_interop import apply_lora
+def _linear_shape(module) -> tuple[int, int] | None:
+    """(in_features, out_features) of an ``nn.Linear`` or a transformers ``Conv1D``; None otherwise."""
+    import torch.nn as nn
 
-    first = next(model.parameters(), None)
-    model = copy.deepcopy(model)
-    if first is not None and first.device.type != "meta":
-        model = model.to("meta")
-    apply_lora(model, target_modules, r=r)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None \
+            and module.weight.dim() == 2:
+        return tuple(module.weight.shape)  # Conv1D keeps its weight as (in, out)
+    return None
+
+
+def linear_layer_names(model) -> list[str]:
+    """The distinct last components of the names of the model's linear layers (what target_modules can name)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if name and _linear_shape(module) is not None})
+
+
+def count_lora_parameters(model, target_modules, r: int) -> int:
+    """Trainable parameters of LoRA rank ``r`` on the targeted linear layers (PEFT's target rules).
+
+    The model is not changed. Raises ValueError when nothing matches (naming the model's
+    linear layers) or when a matched module is not a linear layer.
+    """
+    from .peft_interop import ALL_LINEAR, _check_target_modules, _output_layer_name, matches_target
+
+    r = _check_rank(r)
+    targets = _check_target_modules(target_modules)
+    modules = [(name, module) for name, module in model.named_modules() if name]
+    if targets == ALL_LINEAR:
+        output = _output_layer_name(model)
+        chosen = [(n, m) for n, m in modules if _linear_shape(m) is not None and n != output]
+    else:
+        chosen = [(n, m) for n, m in modules if matches_target(targets, n)]
+    if not chosen:
+        raise ValueError(f"target_modules: {target_modules!r} matched no module of the model; its linear "
+                         f"layers are named: {', '.join(linear_layer_names(model))}")
+    total = 0
+    for name, module in chosen:
+        shape = _linear_shape(module)
+        if shape is None:
+            raise ValueError(f"target_modules: module {name!r} is a {type(module).__name__}, not a linear "
+                             f"layer; linear layers are named: {', '.join(linear_layer_names(model))}")
+        total += r * sum(shape)
+    return total
+
+
+def count_model_parameters(model) -> int:
+    """Every parameter, each shared tensor once (as PEFT and ``model.parameters()`` count them)."""
+    return sum(param.numel() for param in model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,12 +292,13 @@ def format_bytes(n: float) -> str:
 
 def _parse_shape(text: str) -> tuple[int, int]:
     try:
-        d_out, d_in = (int(v) for v in text.lower().split("x"))
+        in_features, out_features = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--shape: expected OUTxIN such as 4096x4096, got {text!r}") from None
-    if d_out < 1 or d_in < 1:
+        raise argparse.ArgumentTypeError(f"--shape: expected INxOUT (in_features x out_features) such as "
+                                         f"4096x1024, got {text!r}") from None
+    if in_features < 1 or out_features < 1:
         raise argparse.ArgumentTypeError(f"--shape: dimensions must be >= 1, got {text!r}")
-    return d_out, d_in
+    return in_features, out_features
 
 
 def _parse_count(text: str) -> int:
@@ -217,7 +311,7 @@ def _parse_count(text: str) -> int:
     return int(value)
 
 
-def report(num_params: int, lora_params: int | None, dtype: str, r: int, what: str) -> str:
+def report(num_params: int, lora_params: int | None, dtype: str, r: int | None, what: str) -> str:
     """The text the command prints."""
     lines = [f"{what}: {num_params:,d} parameters, weights in {dtype}"]
     full = full_finetuning_memory(num_params, dtype)
@@ -237,49 +331,69 @@ def report(num_params: int, lora_params: int | None, dtype: str, r: int, what: s
         lines += [f"  {name:<36}{format_bytes(value)}" for name, value in (
             (f"weights ({dtype}) + adapters (fp32)", lora.weights), ("gradients (adapters)", lora.gradients),
             ("Adam states (adapters)", lora.optimizer_states), ("total (no activations)", lora.total))]
+        lines.append(f"  PEFT's print_trainable_parameters(): "
+                     f"{format_trainable_parameters(lora_params, num_params + lora_params)}")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fused-lora-memory", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--params", type=_parse_count, help="number of parameters, e.g. 7e9")
+    source.add_argument("--params", type=_parse_count,
+                        help="number of parameters, e.g. 7e9 (full fine-tuning only: LoRA needs --shape or --config)")
     source.add_argument("--shape", type=_parse_shape, action="append",
-                        help="a weight of OUTxIN (repeatable); LoRA targets each of them")
+                        help="a weight of INxOUT, in_features x out_features as in the benchmark (repeatable); "
+                             "LoRA targets each of them")
     source.add_argument("--config", help="transformers config: JSON file, known name "
-                                         f"({', '.join(sorted(KNOWN_CONFIGS))}) or locally cached model name")
+                                         f"({', '.join(KNOWN_CONFIGS)}, or their hub names) or locally cached model")
     parser.add_argument("--dtype", default="fp32", type=str.lower, choices=sorted(BYTES_PER_PARAMETER))
-    parser.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
+    parser.add_argument("--r", type=int, default=None, help="LoRA rank (default 8) with --shape or --config")
     parser.add_argument("--target-modules", nargs="+", default=None,
                         help="with --config: module names (PEFT's rules) that get LoRA, default q_proj v_proj "
                              "(or q v for T5-style models)")
-    args = parser.parse_args(argv)
-    if args.r < 1:
-        parser.error(f"--r: expected an int >= 1, got {args.r}")
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.r is not None and args.r < 1:
+        parser.error(f"--r: expected an int >= 1, got {args.r}")
+    if args.target_modules is not None and args.config is None:
+        parser.error("--target-modules: needs --config (the module names come from the model)")
     if args.params is not None:
-        print(report(args.params, None, args.dtype, args.r, "model"))
-    elif args.shape:
-        num_params = sum(d_out * d_in for d_out, d_in in args.shape)
-        lora_params = sum(lora_parameter_count(d_in, d_out, args.r) for d_out, d_in in args.shape)
-        shapes = ", ".join(f"{d_out}x{d_in}" for d_out, d_in in args.shape)
-        print(report(num_params, lora_params, args.dtype, args.r, f"weights {shapes}"))
-    else:
-        try:
-            model = model_from_config(args.config)
-        except (ValueError, TypeError) as error:
-            parser.error(str(error))
-        targets = args.target_modules
-        if targets is None:
-            names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-            targets = ["q", "v"] if {"q", "v"} <= names else ["q_proj", "v_proj"]
-        num_params = sum(p.numel() for p in model.parameters())
-        try:
-            lora_params = count_lora_parameters(model, targets, args.r)
-        except ValueError as error:
-            parser.error(str(error).split("; module names seen")[0])
-        print(report(num_params, lora_params, args.dtype, args.r,
-                     f"{args.config} ({type(model).__name__}), LoRA on {' '.join(targets)}"))
+        if args.r is not None:
+            parser.error("--r: the LoRA count needs the shapes of the targeted weights, which --params alone "
+                         "does not give; add them with --shape INxOUT (repeatable) or use --config instead of --params")
+        print(report(args.params, None, args.dtype, None, "model"))
+        return 0
+    r = 8 if args.r is None else args.r
+    if args.shape:
+        num_params = sum(in_features * out_features for in_features, out_features in args.shape)
+        lora_params = sum(lora_parameter_count(in_features, out_features, r) for in_features, out_features in args.shape)
+        shapes = ", ".join(f"{in_features}x{out_features}" for in_features, out_features in args.shape)
+        print(report(num_params, lora_params, args.dtype, r, f"weights {shapes} (in x out)"))
+        return 0
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        parser.exit(2, f"{parser.prog}: --config needs the transformers package (pip install transformers); "
+                       f"--params and --shape work without it\n")
+    try:
+        model = model_from_config(args.config)
+    except (ValueError, TypeError) as error:
+        parser.error(str(error))
+    targets = args.target_modules
+    if targets is None:
+        names = set(linear_layer_names(model))
+        targets = ["q", "v"] if {"q", "v"} <= names else ["q_proj", "v_proj"]
+    num_params = count_model_parameters(model)
+    try:
+        lora_params = count_lora_parameters(model, targets, r)
+    except ValueError as error:
+        parser.error(str(error))
+    print(report(num_params, lora_params, args.dtype, r,
+                 f"{args.config} ({type(model).__name__}), LoRA on {' '.join(targets)}"))
     return 0
 
 

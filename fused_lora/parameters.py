@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import torch.nn as nn
 
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
+def count_parameters(model) -> tuple[int, int]:
     """(trainable, all) parameter counts, each shared tensor counted once (as PEFT counts them).
 
     Works on meta-device models too (only shapes are read).
     """
+    import torch.nn as nn
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     trainable = total = 0
@@ -21,15 +21,19 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def trainable_parameters_line(model: nn.Module) -> str:
-    """``trainable params: 2,359,296 || all params: 1,231,940,608 || trainable%: 0.1915``."""
-    trainable, total = count_parameters(model)
-    if total == 0:
+def format_trainable_parameters(trainable: int, total: int) -> str:
+    """PEFT's line: ``trainable params: 2,359,296 || all params: 1,231,940,608 || trainable%: 0.1915``."""
+    if total <= 0:
         raise ValueError("model: has no parameters")
     return (f"trainable params: {trainable:,d} || all params: {total:,d} || "
             f"trainable%: {100 * trainable / total:.4f}")
 
 
-def print_trainable_parameters(model: nn.Module) -> None:
+def trainable_parameters_line(model) -> str:
+    """``format_trainable_parameters`` of ``model``'s counts."""
+    return format_trainable_parameters(*count_parameters(model))
+
+
+def print_trainable_parameters(model) -> None:
     """Print the trainable and total parameter counts in PEFT's exact format."""
     print(trainable_parameters_line(model))

@@ -8,10 +8,16 @@
   (``re.fullmatch``), except ``"all-linear"``, which targets every linear layer but
   the model's output layer (``get_output_embeddings()``), as PEFT does.
 
-``from_peft`` swaps each PEFT ``lora.Linear`` for a FusedLoRALinear that shares its
-tensors (base weight and bias, lora_A and lora_B), so an optimizer built on the PEFT
-model's parameters keeps working. Only what the fused layer computes exactly is
-converted; everything else raises a ValueError naming the module and the feature.
+``from_peft`` keeps PEFT's ``lora.Linear`` modules and only changes their class to
+``FusedPeftLinear``, a subclass whose ``forward`` calls ``fused_lora_linear`` while PEFT's
+own forward would compute plain LoRA (one active adapter, not merged, adapters enabled,
+no DoRA or other variant, a plain ``nn.Linear`` base, a frozen base, dtypes the fused op
+takes) and calls PEFT's forward otherwise. Everything else stays PEFT's: the parameters
+(same objects, same names), ``save_pretrained``, ``merge_and_unload``, ``unload``,
+``disable_adapter()``, ``set_adapter``, ``add_adapter``, the parameter counts.
+NOTE: swapping in our own module type instead would need every one of those PEFT
+features re-implemented (and kept in step with PEFT); routing only the forward keeps
+them PEFT's by construction, and the fallback keeps every other case exactly PEFT's.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from .checks import SUPPORTED_DTYPES, check_dropout_p, check_rank
+from .checks import HALF_DTYPES, SUPPORTED_DTYPES, check_dropout_p, check_rank
+from .functional import TRITON_MAX_RANK, fused_lora_linear
 from .layer import FusedLoRALinear, lora_scaling
 
 ALL_LINEAR = "all-linear"
@@ -146,7 +153,7 @@ def replace_linears(model: nn.Module, chosen: list[str], r: int, lora_alpha: flo
         _replace_module(model, name, layer)
 
 
-def _peft_lora_layer_types():
+def _peft_lora_types():
     try:
         from peft.tuners.lora import LoraLayer
         from peft.tuners.lora import Linear as PeftLoraLinear
@@ -155,29 +162,153 @@ def _peft_lora_layer_types():
     return LoraLayer, PeftLoraLinear
 
 
-def _only_adapter(name: str, module) -> str:
-    active = list(module.active_adapters)
-    if len(active) != 1:
-        raise ValueError(f"from_peft: module {name!r} has {len(active)} active adapters {active}; fused_lora "
-                         f"supports one (call set_adapter / delete_adapter first)")
-    loaded = list(module.lora_A.keys())
-    if len(loaded) != 1:
-        raise ValueError(f"from_peft: module {name!r} holds several adapters {loaded}; fused_lora supports one "
-                         f"(delete the others with peft_model.delete_adapter first)")
-    adapter = active[0]
-    if adapter not in module.lora_A:
-        raise ValueError(f"from_peft: module {name!r} has no weights for its active adapter {adapter!r}")
-    return adapter
+# ---------------------------------------------------------------------------------------------
+# When the fused op computes what PEFT's forward computes
+# ---------------------------------------------------------------------------------------------
+
+def _autocast_dtype(tensor: torch.Tensor | None, device_type: str):
+    """The dtype ``tensor`` has inside the fused op: autocast casts floating tensors but fp64 (as F.linear)."""
+    if tensor is None:
+        return None
+    if (device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
+            and tensor.is_floating_point() and tensor.dtype != torch.float64):
+        return torch.get_autocast_dtype(device_type)
+    return tensor.dtype
 
 
-def _check_convertible(name: str, module, peft_linear_type) -> str:
-    if type(module) is not peft_linear_type:
+def _plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` computing exactly ``F.linear``: no subclass forward, no patched forward, no hooks."""
+    if type(module) is not nn.Linear and not (isinstance(module, nn.Linear)
+                                              and type(module).forward is nn.Linear.forward):
+        return False
+    state = module.__dict__
+    if "forward" in state or state["_forward_hooks"] or state["_forward_pre_hooks"]:
+        return False
+    weight = state["_parameters"].get("weight")
+    if type(weight) is nn.Parameter and weight.dtype in SUPPORTED_DTYPES:
+        return True  # NOTE: the common case, without _is_quantised's string tests (this runs every call)
+    return not _is_quantised(module)
+
+
+def _global_module_hooks() -> bool:
+    """Forward hooks registered for every module (they would run around PEFT's base and adapter calls)."""
+    hooks = nn.modules.module
+    return bool(getattr(hooks, "_global_forward_hooks", None) or getattr(hooks, "_global_forward_pre_hooks", None))
+
+
+def fused_adapter(module, x: torch.Tensor | None = None) -> tuple[str | None, str | None]:
+    """``(adapter, None)`` when ``fused_lora_linear`` computes what PEFT's ``lora.Linear.forward`` would,
+    else ``(None, reason)``: why PEFT's own forward runs instead.
+
+    ``x`` (optional) adds the checks that depend on the input (dtype, device).
+    """
+    if module.disable_adapters:
+        return None, "its adapters are disabled"
+    if module.merged:
+        return None, f"its adapters {module.merged_adapters} are merged into the base weight"
+    present = [name for name in module.active_adapters if name in module._modules["lora_A"]]
+    if len(present) != 1:
+        return None, f"it has {len(present)} active adapters {present}"
+    adapter = present[0]
+    if adapter in module.lora_variant or module.use_dora.get(adapter, False):
+        variant = module.lora_variant.get(adapter)
+        return None, f"adapter {adapter!r} uses the LoRA variant {type(variant).__name__ if variant else 'DoRA'}"
+    children = module._modules  # NOTE: direct lookups; nn.Module.__getattr__ is slow and this runs every call
+    lora_A, lora_B = children["lora_A"][adapter], children["lora_B"][adapter]
+    if not (_plain_linear(lora_A) and _plain_linear(lora_B)) or lora_A.bias is not None:
+        return None, f"adapter {adapter!r} has lora_A / lora_B other than bias-free nn.Linear"
+    if lora_B.bias is not None:
+        return None, f"adapter {adapter!r} uses lora_bias=True"
+    dropout = children["lora_dropout"][adapter]
+    if type(dropout) not in (nn.Dropout, nn.Identity) or vars(dropout).get("forward") is not None \
+            or (type(dropout) is nn.Dropout and not 0.0 <= dropout.p < 1.0):
+        return None, f"adapter {adapter!r} uses {dropout!r} as LoRA dropout (fused: nn.Dropout with p < 1)"
+    if getattr(module, "fan_in_fan_out", False):
+        return None, "it uses fan_in_fan_out=True"
+    base = children["base_layer"]
+    if not _plain_linear(base):
+        return None, f"its base layer is a {type(base).__name__}, not a plain unquantised nn.Linear"
+    if _global_module_hooks():
+        return None, "global module forward hooks are registered"
+    if torch.is_grad_enabled() and (base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)):
+        return None, "its base layer is trainable (fused_lora computes no gradient for it)"
+    weight_A, weight_B = lora_A.weight, lora_B.weight
+    if weight_A.dtype != weight_B.dtype:
+        return None, f"adapter {adapter!r} has lora_A in {weight_A.dtype} but lora_B in {weight_B.dtype}"
+    if x is None:
+        return adapter, None
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != base.in_features:
+        return None, "the input is not a (..., in_features) tensor"
+    device_type = x.device.type
+    x_dtype = _autocast_dtype(x, device_type)
+    if x_dtype not in SUPPORTED_DTYPES or _autocast_dtype(base.weight, device_type) != x_dtype \
+            or _autocast_dtype(base.bias, device_type) not in (None, x_dtype):
+        return None, f"the input ({x.dtype}) and the base layer ({base.weight.dtype}) differ in dtype"
+    adapter_dtype = weight_A.dtype
+    if adapter_dtype != torch.float32 and _autocast_dtype(weight_A, device_type) == x_dtype:
+        adapter_dtype = x_dtype  # autocast casts non-fp32 adapters to x's dtype
+    if not (adapter_dtype == x_dtype or (adapter_dtype == torch.float32 and x_dtype in HALF_DTYPES)):
+        return None, f"adapters in {weight_A.dtype} with an input in {x.dtype} (fused: x's dtype, or fp32 for fp16/bf16)"
+    devices = {x.device, base.weight.device, weight_A.device, weight_B.device}
+    if len(devices) != 1:
+        return None, f"tensors on several devices {sorted(map(str, devices))}"
+    if x.device.type == "cuda" and weight_A.shape[0] > TRITON_MAX_RANK:
+        return None, f"rank {weight_A.shape[0]} > {TRITON_MAX_RANK}, the triton kernels' limit"
+    return adapter, None
+
+
+def _fused_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """``FusedPeftLinear.forward``: the fused op when it computes PEFT's result, else PEFT's forward."""
+    adapter = None
+    if not args and not kwargs:  # adapter_names (mixed batches), variant kwargs: PEFT's business
+        adapter, _ = fused_adapter(module, x)
+    if adapter is None:
+        return _peft_lora_types()[1].forward(module, x, *args, **kwargs)
+    children = module._modules
+    base = children["base_layer"]
+    dropout = children["lora_dropout"][adapter]
+    p = float(dropout.p) if type(dropout) is nn.Dropout else 0.0
+    return fused_lora_linear(x, base.weight, base.bias, children["lora_A"][adapter].weight,
+                             children["lora_B"][adapter].weight, float(module.scaling[adapter]), p,
+                             training=bool(dropout.training), backend=module.fused_lora_backend)
+
+
+_FUSED_PEFT_LINEAR = None
+
+
+def fused_peft_linear_type():
+    """The class ``FusedPeftLinear``: PEFT's ``lora.Linear`` with a fused forward (created when peft is imported)."""
+    global _FUSED_PEFT_LINEAR
+    if _FUSED_PEFT_LINEAR is None:
+        _, peft_linear = _peft_lora_types()
+        _FUSED_PEFT_LINEAR = type("FusedPeftLinear", (peft_linear,), {
+            "__module__": __name__,
+            "__qualname__": "FusedPeftLinear",
+            "__doc__": "PEFT's ``lora.Linear``, whose forward runs ``fused_lora_linear`` when that computes what "
+                       "PEFT would\n(see ``fused_adapter``), and PEFT's own forward otherwise. "
+                       "``fused_lora_backend``: None (automatic) or a backend name.",
+            "fused_lora_backend": None,
+            "forward": _fused_forward,
+            "fused_adapter": fused_adapter,
+        })
+    return _FUSED_PEFT_LINEAR
+
+
+def __getattr__(name):
+    # NOTE: the class exists only once peft is imported; created on first use, also by pickle.
+    if name == "FusedPeftLinear":
+        return fused_peft_linear_type()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _check_convertible(name: str, module, peft_linear_type) -> None:
+    """Refuse what could never take the fused path (a layer type, a base layer, a variant the user chose)."""
+    if type(module) not in (peft_linear_type, fused_peft_linear_type()):  # a subclass may compute otherwise
         base = module.get_base_layer() if hasattr(module, "get_base_layer") else None
         kind = "a quantised base layer" if base is not None and _is_quantised(base) else "this layer type"
         raise ValueError(f"from_peft: module {name!r} is a {type(module).__module__}.{type(module).__name__} "
                          f"(base layer {type(base).__name__}); fused_lora does not support {kind}, "
                          f"only peft.tuners.lora.Linear over torch.nn.Linear")
-    adapter = _only_adapter(name, module)
     if getattr(module, "fan_in_fan_out", False):
         raise ValueError(f"from_peft: module {name!r} uses fan_in_fan_out=True (Conv1D-style weights); "
                          f"not supported by fused_lora")
@@ -186,73 +317,101 @@ def _check_convertible(name: str, module, peft_linear_type) -> str:
         raise ValueError(f"from_peft: module {name!r} has a base layer {type(base).__name__} with weight dtype "
                          f"{getattr(getattr(base, 'weight', None), 'dtype', None)}; fused_lora supports only "
                          f"unquantised torch.nn.Linear bases (quantised base layers are not supported)")
-    if getattr(module, "use_dora", {}).get(adapter, False):
-        raise ValueError(f"from_peft: module {name!r} uses DoRA (use_dora=True); not supported by fused_lora")
-    variant = getattr(module, "lora_variant", {}).get(adapter)
-    if variant is not None:
-        raise ValueError(f"from_peft: module {name!r} uses the LoRA variant {type(variant).__name__}; "
-                         f"fused_lora supports plain LoRA only")
-    if getattr(module, "lora_bias", {}).get(adapter, False) or module.lora_B[adapter].bias is not None:
-        raise ValueError(f"from_peft: module {name!r} uses lora_bias=True; not supported by fused_lora")
-    if getattr(module, "merged", False) or getattr(module, "merged_adapters", []):
-        raise ValueError(f"from_peft: module {name!r} has its adapter merged into the base weight; "
-                         f"unmerge it first (peft_model.unmerge_adapter())")
-    if getattr(module, "disable_adapters", False):
-        raise ValueError(f"from_peft: module {name!r} has its adapters disabled; enable them first")
-    dropout = module.lora_dropout[adapter]
-    if not isinstance(dropout, (nn.Dropout, nn.Identity)):
-        raise ValueError(f"from_peft: module {name!r} uses a {type(dropout).__name__} as LoRA dropout; "
-                         f"fused_lora supports nn.Dropout only")
-    lora_A, lora_B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
-    if lora_A.dtype != lora_B.dtype:
-        raise ValueError(f"from_peft: module {name!r} has lora_A in {lora_A.dtype} but lora_B in {lora_B.dtype}")
-    return adapter
+    for adapter in module.active_adapters:
+        if adapter not in module.lora_A:
+            continue
+        if module.use_dora.get(adapter, False):
+            raise ValueError(f"from_peft: module {name!r} uses DoRA (use_dora=True); not supported by fused_lora")
+        variant = module.lora_variant.get(adapter)
+        if variant is not None:
+            raise ValueError(f"from_peft: module {name!r} uses the LoRA variant {type(variant).__name__}; "
+                             f"fused_lora supports plain LoRA only")
+        if getattr(module, "lora_bias", {}).get(adapter, False) or module.lora_B[adapter].bias is not None:
+            raise ValueError(f"from_peft: module {name!r} uses lora_bias=True; not supported by fused_lora")
+        dropout = module.lora_dropout[adapter]
+        if type(dropout) not in (nn.Dropout, nn.Identity):
+            raise ValueError(f"from_peft: module {name!r} uses a {type(dropout).__name__} as LoRA dropout; "
+                             f"fused_lora supports nn.Dropout only")
 
 
-def _fused_from_peft_linear(module, adapter: str) -> FusedLoRALinear:
-    base = module.get_base_layer()
-    r = module.r[adapter]
-    lora_alpha = module.lora_alpha[adapter]
-    use_rslora = bool(getattr(module, "use_rslora", {}).get(adapter, False))
-    dropout = module.lora_dropout[adapter]
-    p = float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
-    layer = FusedLoRALinear(base.in_features, base.out_features, r=r, lora_alpha=lora_alpha, lora_dropout=p,
-                            bias=base.bias is not None, use_rslora=use_rslora, device="meta",
-                            dtype=base.weight.dtype)
-    # NOTE: the same Parameter objects, so optimizers and references to them stay valid.
-    layer.weight = base.weight
-    if base.bias is not None:
-        layer.bias = base.bias
-    layer.lora_A = module.lora_A[adapter].weight
-    layer.lora_B = module.lora_B[adapter].weight
-    scaling = module.scaling[adapter]
-    if isinstance(scaling, torch.Tensor):
-        scaling = scaling.item()
-    if not isinstance(scaling, numbers.Real) or not math.isfinite(float(scaling)):
-        raise ValueError(f"from_peft: scaling {scaling!r} of adapter {adapter!r} is not a finite number")
-    layer.scaling = float(scaling)  # PEFT's value, also after scale_layer()
-    layer.train(module.training)
-    return layer
+def from_peft(peft_model: nn.Module, *, backend: str | None = None) -> nn.Module:
+    """Route the forward of every PEFT LoRA ``Linear`` in ``peft_model`` through ``fused_lora_linear``, in place.
 
-
-def from_peft(peft_model: nn.Module) -> nn.Module:
-    """Replace every PEFT LoRA ``Linear`` in ``peft_model`` by a FusedLoRALinear, in place; returns it.
-
-    Same tensors, scaling (rsLoRA included) and dropout probability. All modules are
-    checked before any is replaced, so an unsupported one leaves the model unchanged.
+    The modules stay PEFT's (their class becomes ``FusedPeftLinear``, a subclass of
+    ``peft.tuners.lora.Linear``), so every PEFT feature keeps working: ``save_pretrained``,
+    ``merge_and_unload``, ``unload``, ``disable_adapter()``, ``set_adapter``, ``add_adapter``.
+    A call takes the fused path while PEFT would compute plain LoRA with one active adapter
+    and PEFT's own forward otherwise (``module.fused_adapter(x)`` says which, and why).
+    Refused with a ValueError naming the module, before anything changes: layer types other
+    than ``lora.Linear``, quantised bases, ``fan_in_fan_out``, and active adapters using DoRA
+    or another variant, ``lora_bias`` or a dropout other than ``nn.Dropout``.
+    ``backend``: None (automatic), "triton", "cpu" or "torch". Returns ``peft_model``.
     """
     if not isinstance(peft_model, nn.Module):
         raise TypeError(f"peft_model: expected a torch.nn.Module, got {type(peft_model).__name__}")
-    lora_layer_type, peft_linear_type = _peft_lora_layer_types()
+    if backend is not None:
+        from .backends import BACKEND_NAMES
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"backend: expected None or one of {BACKEND_NAMES}, got {backend!r}")
+    lora_layer_type, peft_linear_type = _peft_lora_types()
     found = [(name, module) for name, module in peft_model.named_modules() if isinstance(module, lora_layer_type)]
     if not found:
         raise ValueError("peft_model: found no PEFT LoRA layer in the model")
-    adapters = [(name, module, _check_convertible(name, module, peft_linear_type)) for name, module in found]
-    for name, module, adapter in adapters:
-        _replace_module(peft_model, name, _fused_from_peft_linear(module, adapter))
+    for name, module in found:
+        _check_convertible(name, module, peft_linear_type)
+    fused_type = fused_peft_linear_type()
+    for _, module in found:
+        module.__class__ = fused_type
+        module.fused_lora_backend = backend
     return peft_model
 
 
+# ---------------------------------------------------------------------------------------------
+# The layers save_adapter / load_adapter see
+# ---------------------------------------------------------------------------------------------
+
+class PeftAdapterView:
+    """A converted PEFT module's active adapter, with the attributes of a FusedLoRALinear that
+    ``save_adapter`` and ``load_adapter`` use (``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``,
+    ``scaling``, ``merged``, ``lora_A``, ``lora_B``: the PEFT module's own Parameters)."""
+
+    def __init__(self, name: str, module):
+        adapter, reason = fused_adapter(module)
+        if adapter is None and not module.merged:
+            raise ValueError(f"model: layer {name!r} cannot be read as one plain LoRA adapter ({reason}); "
+                             f"use PEFT's save_pretrained / load_adapter for it")
+        if adapter is None:
+            adapter = module.active_adapters[0]
+        self.module, self.adapter = module, adapter
+        self.r = module.r[adapter]
+        self.lora_alpha = module.lora_alpha[adapter]
+        self.use_rslora = bool(module.use_rslora.get(adapter, False)) if isinstance(module.use_rslora, dict) \
+            else bool(module.use_rslora)
+        self.scaling = float(module.scaling[adapter])
+        self.merged = bool(module.merged)
+        self.lora_A = module.lora_A[adapter].weight
+        self.lora_B = module.lora_B[adapter].weight
+
+    @property
+    def lora_dropout(self) -> float:
+        dropout = self.module.lora_dropout[self.adapter]
+        return float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
+
+    @lora_dropout.setter
+    def lora_dropout(self, p: float) -> None:
+        p = check_dropout_p(p)
+        self.module.lora_dropout[self.adapter] = nn.Dropout(p) if p > 0.0 else nn.Identity()
+        self.module.lora_dropout[self.adapter].train(self.module.training)
+
+
 def lora_layers(model: nn.Module) -> list[tuple[str, FusedLoRALinear]]:
-    """The (qualified name, layer) pairs of every FusedLoRALinear in ``model``."""
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, FusedLoRALinear)]
+    """The (qualified name, layer) pairs of every FusedLoRALinear in ``model``; a module converted by
+    ``from_peft`` appears as a ``PeftAdapterView`` of its active adapter."""
+    fused_type = _FUSED_PEFT_LINEAR
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, FusedLoRALinear):
+            layers.append((name, module))
+        elif fused_type is not None and isinstance(module, fused_type):
+            layers.append((name, PeftAdapterView(name, module)))
+    return layers

@@ -1,12 +1,16 @@
 """The benchmark harness: every provider computes the same layer, and a quick sweep writes its files."""
 
 import csv
+import datetime
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from bench import cli, e2e
+from bench import cli, e2e, plot
 from bench.providers import Weights, build, trainable_parameters
 from fused_lora import lora_linear_reference
 
@@ -66,3 +70,102 @@ def test_end_to_end_rows_compare_the_same_model():
     peft_model = e2e.peft_model(size, 4, 8, 0.0, torch.float32, "cpu")
     count = lambda m: sum(q.numel() for q in m.parameters() if q.requires_grad)  # noqa: E731
     assert count(fused) == count(peft_model) > 0
+
+
+TINY_RUN = ["--device", "cpu", "--shapes", "16x8", "--tokens", "4", "--providers", "linear,fused_lora",
+            "--repeats", "1", "--no-e2e"]
+
+
+def test_results_go_to_the_untracked_scratch_folder_unless_published(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OUT", raising=False)
+    assert cli.parse_args([]).out_dir == cli.SCRATCH_DIR
+    assert cli.parse_args(["--publish"]).out_dir == cli.RESULTS_DIR
+    assert cli.parse_args(["--out-dir", str(tmp_path)]).out_dir == str(tmp_path)
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    assert cli.parse_args([]).out_dir == str(tmp_path / "out")
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--publish", "--out-dir", str(tmp_path)])
+    assert "--publish: writes to bench/results/" in capsys.readouterr().err
+
+    root = os.path.dirname(cli.RESULTS_DIR)
+    ignored = subprocess.run(["git", "check-ignore", "-q", os.path.join(cli.SCRATCH_DIR, "cpu-2026-01-01.csv")],
+                             cwd=root)
+    assert ignored.returncode == 0, "bench/results/scratch/ is not ignored by git"
+    tracked = subprocess.run(["git", "check-ignore", "-q", os.path.join(cli.RESULTS_DIR, "cpu-2026-01-01.csv")],
+                             cwd=root)
+    assert tracked.returncode == 1
+
+    monkeypatch.delenv("OUT")
+    monkeypatch.setattr(cli, "SCRATCH_DIR", str(tmp_path / "scratch"))
+    assert cli.main(TINY_RUN + ["--quick", "--no-plot"]) == 0
+    stem = f"cpu-{datetime.date.today().isoformat()}-quick"
+    assert sorted(os.listdir(tmp_path / "scratch")) == [f"{stem}.csv", f"{stem}.json"]
+
+
+def test_without_matplotlib_or_tqdm_the_numbers_are_still_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    assert cli.main(TINY_RUN + ["--out-dir", str(tmp_path), "--name", "t"]) == 0
+    out = capsys.readouterr().out
+    assert "no plot: matplotlib is not installed (pip install matplotlib, or pass --no-plot)" in out
+    assert sorted(os.listdir(tmp_path)) == ["t.csv", "t.json"]
+
+
+def _row(provider, mode, median, p20, p80, ratio, status="ok"):
+    return dict(K=16, N=8, T=4, r=2, p=0.0, provider=provider, mode=mode, status=status, median_ms=median,
+                p20_ms=p20, p80_ms=p80, ratio_to_linear=ratio)
+
+
+def test_noisy_rows_are_named():
+    rows = [_row("linear", "fwd", 10.0, 9.9, 10.05, 1.0),
+            _row("fused_lora", "fwd", 10.0, 9.0, 11.5, 1.1),   # 25% spread
+            _row("peft", "bwd", 7.3, 7.25, 7.35, 0.73),         # faster than the frozen linear
+            _row("peft", "fwd", 10.0, 9.7, 10.2, 1.2),          # 5%: fine
+            _row("addmm_composite", "fwd", None, None, None, None, status="n/a: no dropout")]
+    assert cli.noisy_rows(rows) == [
+        "16x8 T=4 r=2 p=0.0 fused_lora fwd: p20-p80 spread 25% of the median",
+        "16x8 T=4 r=2 p=0.0 peft bwd: 0.73x the frozen linear, below the limit"]
+
+
+def _write_csv(path, rows):
+    columns = ["K", "N", "T", "r", "p", "dtype", "provider", "backend", "mode", "status", "median_ms", "p20_ms",
+               "p80_ms", "ratio_to_linear", "device_name"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+
+
+def test_plot_names_backends_shows_the_spread_and_keeps_the_legend_clear(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = []
+    for p in ("0.0", "0.1"):
+        for K, N in ((1024, 1024), (2048, 5632), (4096, 1024)):
+            for provider, backend, ratio in (("linear", "", 1.0), ("fused_lora", "cpu", 1.08),
+                                             ("fused_lora_torch", "torch", 1.9), ("peft", "", 1.7)):
+                rows.append(dict(K=K, N=N, T=1024, r=16, p=p, dtype="fp32", provider=provider, backend=backend,
+                                 mode="fwd+bwd", status="ok", median_ms=20.0, p20_ms=19.0, p80_ms=23.0,
+                                 ratio_to_linear=ratio, device_name="test CPU"))
+    path = tmp_path / "r.csv"
+    _write_csv(path, rows)
+    fig = plot.draw(plot.load_rows(str(path)))
+    fig.canvas.draw()
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["linear", "fused_lora (cpu)", "fused_lora_torch (torch)",
+                                                          "peft"]
+    legend_box = legend.get_window_extent()
+    for ax in fig.axes:
+        assert "lower is better" in ax.get_ylabel() and "p20-p80" in ax.get_title()
+        assert not legend_box.overlaps(ax.get_window_extent()), "the legend covers a panel"
+        bars = [c for c in ax.containers if hasattr(c, "errorbar")]
+        assert len(bars) == 4
+        fused = bars[1]
+        assert [round(b.get_height(), 6) for b in fused.patches] == [1.08] * 3
+        whiskers = fused.errorbar.lines[2][0].get_segments()
+        for (_, low), (_, high) in whiskers:
+            assert (round(low, 6), round(high, 6)) == (round(1.08 * 19 / 20, 6), round(1.08 * 23 / 20, 6))
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels[1] == "2048x5632\nT=1024 r=16"  # in_features x out_features, as the calculator writes it
+    plot.plot(str(path), str(tmp_path / "r.png"))
+    assert (tmp_path / "r.png").stat().st_size > 0

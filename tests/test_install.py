@@ -1,0 +1,140 @@
+"""Installing and importing: the source checkout, the import cost, setup.py's messages, the torch floor."""
+
+import importlib.machinery
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Drop the editable install's import hook: what a source checkout does on its own.
+NO_EDITABLE_FINDER = "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+
+
+def _python(code, cwd=ROOT, env=None, timeout=180):
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("FUSED_LORA_")}
+    environment.pop("PYTHONPATH", None)
+    environment.update(env or {})
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=environment, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_source_checkout_imports_cheaply_and_runs_the_triton_kernels_without_the_editable_finder():
+    result = _python(
+        NO_EDITABLE_FINDER +
+        "import os; os.environ['TRITON_INTERPRET'] = '1'\n"
+        "import fused_lora\n"
+        "assert 'torch' not in sys.modules, 'import fused_lora imported torch'\n"
+        "assert set(fused_lora.__all__) <= set(dir(fused_lora))\n"
+        f"assert fused_lora.kernels.__file__ == {os.path.join(ROOT, 'kernels', '__init__.py')!r}, "
+        "fused_lora.kernels.__file__\n"
+        "from fused_lora import *\n"
+        "missing = [n for n in fused_lora.__all__ if n not in globals()]\n"
+        "assert not missing, missing\n"
+        "assert 'fused_lora.custom_ops' in sys.modules  # loading the names registers the custom ops\n"
+        "import torch\n"
+        "assert 'triton' in fused_lora.available_backends()\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x, W, A, B = (torch.randn(*s, generator=g) for s in ((5, 16), (8, 16), (2, 16), (8, 2)))\n"
+        "y = fused_lora.fused_lora_linear(x, W, None, A, B, 2.0, backend='triton')\n"
+        "torch.testing.assert_close(y, fused_lora.lora_linear_reference(x, W, None, A, B, 2.0), "
+        "atol=1e-5, rtol=1e-5)\n"
+        "print('ok')\n", timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+@pytest.fixture
+def checkout_and_installed_copy(tmp_path):
+    """A source checkout without its extension, and a site directory with an installed copy that has one."""
+    checkout = tmp_path / "checkout"
+    shutil.copytree(os.path.join(ROOT, "fused_lora"), checkout / "fused_lora",
+                    ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    shutil.copytree(os.path.join(ROOT, "kernels"), checkout / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(os.path.join(ROOT, "setup.py"), checkout / "setup.py")
+    site = tmp_path / "site"
+    extension = "_C" + importlib.machinery.EXTENSION_SUFFIXES[0]
+    (site / "fused_lora").mkdir(parents=True)
+    (site / "fused_lora" / "__init__.py").write_text("")
+    (site / "fused_lora" / extension).write_bytes(b"")
+    info = site / "fused_lora-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fused_lora\nVersion: 0.1.0\n")
+    (info / "RECORD").write_text(f"fused_lora/__init__.py,,\nfused_lora/{extension},,\n"
+                                 "fused_lora-0.1.0.dist-info/METADATA,,\nfused_lora-0.1.0.dist-info/RECORD,,\n")
+    return checkout, site, extension
+
+
+def test_a_checkout_that_hides_an_installed_extension_fails_with_one_line(checkout_and_installed_copy):
+    checkout, site, extension = checkout_and_installed_copy
+    code = NO_EDITABLE_FINDER + "import fused_lora; print('imported', fused_lora.__file__)"
+    result = _python(code, cwd=checkout, env={"PYTHONPATH": str(site)})
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"ImportError: fused_lora: imported the source checkout {checkout / 'fused_lora'}, "
+                           f"which has no built C++ extension, instead of the installed package in "
+                           f"{site / 'fused_lora'}"), last
+    assert "run from outside the checkout" in last and "build_ext --inplace" in last
+
+    # Deliberately without the extension, or with it built in place: imports.
+    result = _python(code, cwd=checkout, env={"PYTHONPATH": str(site), "FUSED_LORA_SKIP_EXT": "1"})
+    assert result.returncode == 0 and f"imported {checkout / 'fused_lora'}" in result.stdout, result.stderr
+    (checkout / "fused_lora" / extension).write_bytes(b"")
+    result = _python(code, cwd=checkout, env={"PYTHONPATH": str(site)})
+    assert result.returncode == 0 and f"imported {checkout / 'fused_lora'}" in result.stdout, result.stderr
+
+
+def _setup_py(args, env=None, block_torch=False):
+    """Run setup.py with ``args``; ``block_torch`` makes ``import torch`` fail, as in pip's isolated build."""
+    code = ("import sys\n" + ("sys.modules['torch'] = None\n" if block_torch else "")
+            + f"sys.argv = ['setup.py'] + {list(args)!r}\n"
+            "exec(compile(open('setup.py').read(), 'setup.py', 'exec'), "
+            "{'__file__': __import__('os').path.abspath('setup.py'), '__name__': '__main__'})\n")
+    return _python(code, env=env)
+
+
+def test_setup_py_never_drops_the_extension_silently():
+    result = _setup_py(["--name"], block_torch=True)
+    assert result.returncode != 0
+    assert ("fused_lora: cannot build the C++ CPU backend: torch is not importable here" in result.stderr
+            and "--no-build-isolation" in result.stderr and "FUSED_LORA_SKIP_EXT=1" in result.stderr), result.stderr
+    result = _setup_py(["--name"], env={"FUSED_LORA_SKIP_EXT": "1"}, block_torch=True)
+    assert result.returncode == 0 and result.stdout.strip() == "fused_lora", result.stderr
+    assert "installing without the C++ CPU backend" in result.stderr
+
+
+def test_setup_py_says_when_the_compiler_is_missing(tmp_path):
+    result = _setup_py(["build_ext", "--build-lib", str(tmp_path / "lib"), "--build-temp", str(tmp_path / "tmp")],
+                       env={"CXX": "no-such-c++-compiler"})
+    assert result.returncode != 0
+    assert ("building the C++ CPU backend needs a C++ compiler, and 'no-such-c++-compiler' was not found"
+            in result.stderr), result.stderr[-2000:]
+    assert not (tmp_path / "lib").exists()
+
+
+def test_install_layout_has_the_kernels_configs_and_license(tmp_path):
+    result = _setup_py(["build_py", "--build-lib", str(tmp_path)], env={"FUSED_LORA_SKIP_EXT": "1"})
+    assert result.returncode == 0, result.stderr
+    for name in ("lora_fwd.py", "lora_bwd.py", "lora_shrink.py", "dropout_mask.py", "common.py"):
+        assert (tmp_path / "fused_lora" / "kernels" / name).is_file(), name
+    configs = sorted(p.name for p in (tmp_path / "fused_lora" / "configs").iterdir())
+    assert configs == sorted(os.listdir(os.path.join(ROOT, "fused_lora", "configs"))) and len(configs) == 5
+    with open(os.path.join(ROOT, "LICENSE")) as handle:
+        text = handle.read()
+    assert text.startswith("MIT License") and "fused_lora developers" in text
+
+
+def test_torch_floor_is_the_same_in_setup_py_and_the_package_and_is_checked():
+    import fused_lora
+
+    with open(os.path.join(ROOT, "setup.py")) as handle:
+        floor = re.search(r'^MIN_TORCH = "([0-9.]+)"$', handle.read(), re.M).group(1)
+    assert tuple(int(v) for v in floor.split(".")) == fused_lora.MIN_TORCH == (2, 4)
+    result = _python("import torch; torch.__version__ = '2.3.1'\n"
+                     "import fused_lora\n"
+                     "fused_lora.FusedLoRALinear\n")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        "ImportError: fused_lora needs torch>=2.4 (torch.library.custom_op), found torch 2.3.1")

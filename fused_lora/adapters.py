@@ -350,7 +350,7 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
             replace_linears(root, [name for name, _, _ in expected], r=config["r"],
                             lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"],
                             use_rslora=config["use_rslora"])
-        _copy_values(root, values)
+        _copy_values(dict(lora_layers(root)), values)
         for _, layer in lora_layers(root):
             layer.lora_dropout = config["lora_dropout"]
     except BaseException:
@@ -360,6 +360,8 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
 
 
 @torch.no_grad()
-def _copy_values(root: nn.Module, values) -> None:
+def _copy_values(layers: dict, values) -> None:
+    """Copy each (layer name, "lora_A" or "lora_B", value) into the layer of that name: a
+    FusedLoRALinear, or the active adapter of a module converted by from_peft."""
     for name, param_name, value in values:
-        getattr(root.get_submodule(name), param_name).copy_(value)
+        getattr(layers[name], param_name).copy_(value)

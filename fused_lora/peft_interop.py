@@ -373,7 +373,8 @@ def from_peft(peft_model: nn.Module, *, backend: str | None = None) -> nn.Module
 class PeftAdapterView:
     """A converted PEFT module's active adapter, with the attributes of a FusedLoRALinear that
     ``save_adapter`` and ``load_adapter`` use (``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``,
-    ``scaling``, ``merged``, ``lora_A``, ``lora_B``: the PEFT module's own Parameters)."""
+    ``scaling``, ``merged``, ``in_features``, ``out_features``, ``lora_A``, ``lora_B``: the PEFT
+    module's own Parameters)."""
 
     def __init__(self, name: str, module):
         adapter, reason = fused_adapter(module)
@@ -391,6 +392,7 @@ class PeftAdapterView:
         self.merged = bool(module.merged)
         self.lora_A = module.lora_A[adapter].weight
         self.lora_B = module.lora_B[adapter].weight
+        self.out_features, self.in_features = self.lora_B.shape[0], self.lora_A.shape[1]
 
     @property
     def lora_dropout(self) -> float:

@@ -295,8 +295,8 @@ def test_failure_while_changing_the_model_is_rolled_back(tmp_path, monkeypatch):
         snapshot = _snapshot(model)
         calls.clear()
         with monkeypatch.context() as patch:
-            patch.setattr(adapters, "_copy_values", lambda root, values: [
-                failing_copy(getattr(root.get_submodule(n), p).detach(), v) for n, p, v in values])
+            patch.setattr(adapters, "_copy_values", lambda layers, values: [
+                failing_copy(getattr(layers[n], p).detach(), v) for n, p, v in values])
             with pytest.raises(RuntimeError, match="simulated failure"):
                 load_adapter(model, directory)
         assert len(calls) == 3

@@ -15,14 +15,18 @@ from safetensors.torch import load_file
 
 from fused_lora import from_peft
 
-from conftest import assert_close
-from tiny_models import tiny_llama, token_batch
+from tiny_models import reduction_length, tiny_llama, token_batch
+from tolerances import assert_close_scaled
 
 peft = pytest.importorskip("peft")
 from peft.tuners.lora import Linear as PeftLoraLinear  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 LAYERS = 6  # 2 decoder layers x 3 targets
+
+# tolerances.py's n: the tiny Llama's deepest chain of sums; gradients also sum over the batch.
+N_LOGITS = reduction_length()
+N_GRADS = reduction_length(tokens=token_batch().numel())
 
 
 @pytest.fixture
@@ -77,7 +81,7 @@ def _grads(model, ids):
 def _assert_same_grads(ours, theirs):
     assert sorted(ours) == sorted(theirs) and ours
     for name in theirs:
-        assert_close(f"grad {name}", ours[name], theirs[name], atol=1e-5, rtol=1e-4)
+        assert_close_scaled(f"grad {name}", ours[name], theirs[name], N_GRADS)
 
 
 def _train_step(model, ids, lr=0.5):
@@ -108,13 +112,13 @@ def test_save_pretrained_round_trip(tmp_path, fused_calls):
     reference = load_file(tmp_path / "plain" / "adapter_model.safetensors")
     assert sorted(saved) == sorted(reference)
     for key in saved:
-        assert_close(key, saved[key], reference[key], atol=1e-6, rtol=1e-5)
+        assert_close_scaled(key, saved[key], reference[key], N_GRADS)
 
     loaded = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "converted"))
-    assert_close("logits", _logits(loaded), _logits(converted), atol=1e-6, rtol=1e-5)
+    assert_close_scaled("logits", _logits(loaded), _logits(converted), N_LOGITS)
     fused_calls.clear()
     from_peft(loaded)
-    assert_close("logits", _logits(loaded), _logits(converted), atol=1e-6, rtol=1e-5)
+    assert_close_scaled("logits", _logits(loaded), _logits(converted), N_LOGITS)
     assert len(fused_calls) == 2 * LAYERS
 
 
@@ -124,22 +128,22 @@ def test_merge_and_unload_and_unload():
     merged = copy.deepcopy(converted).merge_and_unload()
     assert not any(isinstance(m, PeftLoraLinear) for m in merged.modules())
     assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear
-    assert_close("merged logits", _logits(merged), adapted, atol=1e-5, rtol=1e-4)
+    assert_close_scaled("merged logits", _logits(merged), adapted, N_LOGITS)
 
     base = converted.unload()
     assert type(base.model.layers[0].self_attn.q_proj) is nn.Linear
-    assert_close("unloaded logits", _logits(base), _logits(tiny_llama()), atol=0, rtol=0)
+    assert torch.equal(_logits(base), _logits(tiny_llama())), "unloaded logits"
     assert not torch.allclose(adapted, _logits(base), atol=1e-3)  # the adapter mattered
 
 
 def test_disable_adapter_context(fused_calls):
     converted, plain = _twins()
     with converted.disable_adapter():
-        assert_close("disabled", _logits(converted), _logits(tiny_llama()), atol=0, rtol=0)
+        assert torch.equal(_logits(converted), _logits(tiny_llama())), "disabled"
         q_proj = converted.base_model.model.model.layers[0].self_attn.q_proj
         assert q_proj.fused_adapter(torch.randn(2, 32)) == (None, "its adapters are disabled")
     assert fused_calls == []
-    assert_close("enabled again", _logits(converted), _logits(plain), atol=1e-5, rtol=1e-4)
+    assert_close_scaled("enabled again", _logits(converted), _logits(plain), N_LOGITS)
     assert len(fused_calls) == LAYERS
 
 
@@ -157,7 +161,7 @@ def test_set_adapter_and_a_second_adapter_added_after_conversion(fused_calls):
     # q_proj (converted) carries both adapters; o_proj is new, PEFT's own class until converted.
     assert sorted(q_proj.lora_A) == ["default", "second"] and type(o_proj) is PeftLoraLinear
     ids = token_batch()
-    assert_close("logits", _logits(converted), _logits(plain), atol=1e-5, rtol=1e-4)
+    assert_close_scaled("logits", _logits(converted), _logits(plain), N_LOGITS)
     assert {id(a) for a in fused_calls} == {id(m.lora_A["second"].weight) for m in converted.modules()
                                              if type(m).__name__ == "FusedPeftLinear" and "second" in m.lora_A}
     _assert_same_grads(_grads(converted, ids), _grads(plain, ids))
@@ -165,13 +169,13 @@ def test_set_adapter_and_a_second_adapter_added_after_conversion(fused_calls):
     fused_calls.clear()
     from_peft(converted, backend="torch")  # converts the new o_proj layers too
     assert type(o_proj).__name__ == "FusedPeftLinear"
-    assert_close("logits", _logits(converted), _logits(plain), atol=1e-5, rtol=1e-4)
+    assert_close_scaled("logits", _logits(converted), _logits(plain), N_LOGITS)
     assert len(fused_calls) == 4  # q_proj and o_proj in 2 layers carry "second"
 
     fused_calls.clear()
     for model in (converted, plain):
         model.set_adapter("default")
-    assert_close("back to default", _logits(converted), _logits(plain), atol=1e-5, rtol=1e-4)
+    assert_close_scaled("back to default", _logits(converted), _logits(plain), N_LOGITS)
     assert len(fused_calls) == LAYERS
 
 
@@ -231,7 +235,7 @@ def test_peft_s_own_forward_where_the_fused_op_would_differ(change, reason, fuse
     assert q_proj.fused_adapter(torch.randn(2, 32)) == (None, reason)
     ids = token_batch()
     calls_before = len(fused_calls)
-    assert_close("logits", _logits(converted), _logits(plain), atol=1e-5, rtol=1e-4)
+    assert_close_scaled("logits", _logits(converted), _logits(plain), N_LOGITS)
     # Under no_grad a trainable base needs no gradient: the fused op is exact there.
     assert len(fused_calls) - calls_before == (LAYERS if change is _trainable_base else 0)
     if change is not _merged:  # merged: nothing depends on the adapters until unmerge_adapter()
@@ -252,7 +256,7 @@ def test_mixed_batch_adapter_names_use_peft_s_forward(fused_calls):
     with torch.no_grad():
         ours = converted(ids, adapter_names=names).logits
         theirs = plain(ids, adapter_names=names).logits
-    assert_close("logits", ours, theirs, atol=1e-5, rtol=1e-4)
+    assert_close_scaled("logits", ours, theirs, N_LOGITS)
     assert fused_calls == []
 
 
@@ -273,7 +277,7 @@ def test_global_forward_hooks_see_peft_s_calls(fused_calls):
         handle.remove()
     assert fused_calls == []
     assert ours_seen == seen and seen.count("Linear") > LAYERS
-    assert_close("logits", ours, theirs, atol=1e-5, rtol=1e-4)
+    assert_close_scaled("logits", ours, theirs, N_LOGITS)
 
 
 def test_adapters_on_disk_from_a_converted_model(tmp_path):
@@ -282,11 +286,11 @@ def test_adapters_on_disk_from_a_converted_model(tmp_path):
     converted, plain = _twins()
     save_adapter(converted, tmp_path / "saved", task_type="CAUSAL_LM")
     reloaded = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "saved"))
-    assert_close("logits", _logits(reloaded), _logits(plain), atol=1e-5, rtol=1e-4)
+    assert_close_scaled("logits", _logits(reloaded), _logits(plain), N_LOGITS)
 
     target = from_peft(peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2,
                                                                          target_modules=TARGETS)))
     load_adapter(target, tmp_path / "saved")  # into the PEFT modules' own parameters
-    assert_close("logits", _logits(target), _logits(plain), atol=1e-5, rtol=1e-4)
+    assert_close_scaled("logits", _logits(target), _logits(plain), N_LOGITS)
     q_proj = target.base_model.model.model.layers[0].self_attn.q_proj
     assert type(q_proj.lora_dropout["default"]) is nn.Identity  # the file's lora_dropout, 0.0

@@ -10,7 +10,8 @@
 #   GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh    # on a CPU machine: same plumbing, tiny work
 #
 # Each step has its own time cap; a step that fails or runs out marks the run failed and the
-# next step still runs. Every result lands in $OUT (default bench/results/gpu-check-<date>/):
+# next step still runs. Every result lands in $OUT (default bench/results/scratch/gpu-check-<date>/,
+# untracked; copy what you publish to bench/results/):
 # gpu-check.log, and the CSV/JSON/PNG/txt files of each step, also packed as results.tgz.
 #
 # Kernels compile on first use (1-10 s each on a fresh machine): the first step compiles the
@@ -19,7 +20,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 stamp="$(date -u +%Y-%m-%d)"
-out="${OUT:-$root/bench/results/gpu-check-$stamp}"
+out="${OUT:-$root/bench/results/scratch/gpu-check-$stamp}"
 results="$out/r"
 mkdir -p "$results"
 py="${PYTHON:-python3}"

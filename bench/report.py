@@ -15,7 +15,7 @@ import torch
 from .timing import MODES
 
 CSV_COLUMNS = ["K", "N", "T", "r", "p", "dtype", "provider", "backend", "mode", "status", "median_ms", "p20_ms",
-               "p80_ms", "ratio_to_linear", "tflops", "saved_bytes", "peak_bytes"]
+               "p80_ms", "ratio_to_linear", "ratio_p20", "ratio_p80", "tflops", "saved_bytes", "peak_bytes"]
 META_COLUMNS = ["device", "device_name", "threads", "torch", "triton", "peft", "git_commit", "date"]
 
 

@@ -94,6 +94,8 @@ def run_case(case: Case, providers, device, repeats: int, min_seconds: float = 0
                 med, p20, p80 = summaries[name][mode]
                 row.update(median_ms=med, p20_ms=p20, p80_ms=p80,
                            ratio_to_linear=ratios.get(name, {}).get(mode, (None,))[0],
+                           ratio_p20=ratios.get(name, {}).get(mode, (None, None, None))[1],
+                           ratio_p80=ratios.get(name, {}).get(mode, (None, None, None))[2],
                            tflops=case.flops(mode) / (med * 1e-3) / 1e12,
                            saved_bytes=saved.get(name), peak_bytes=peaks.get(name))
             rows.append(row)

@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>  // at::Tensor <-> torch.Tensor
 
+#include "isa.h"
 #include "lora_cpu.h"
 #include "philox.h"
 
@@ -17,7 +18,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "16-bit random values of elements start .. start + count - 1 (int32)", py::arg("seed"),
         py::arg("start"), py::arg("count"), release_gil());
   m.def("philox_isa", &fused_lora::philox_isa,
-        "the Philox implementation in use: avx512, avx2 or scalar (FUSED_LORA_PHILOX_ISA caps it)");
+        "the Philox implementation in use: avx512, avx2 or scalar (FUSED_LORA_ISA and "
+        "FUSED_LORA_PHILOX_ISA cap it)");
+  m.def("isa", [] { return fused_lora::isa_name(fused_lora::active_isa()); },
+        "the ISA level the hot loops run: avx512, avx2 or baseline (FUSED_LORA_ISA caps it)");
+  m.def("cpu_isa", [] { return fused_lora::isa_name(fused_lora::cpu_isa()); },
+        "the best ISA level this CPU supports: avx512, avx2 or baseline");
+  m.def("isa_env_error", &fused_lora::isa_env_error,
+        "'' when FUSED_LORA_ISA and FUSED_LORA_PHILOX_ISA are unset or valid, else the message");
   m.def("lora_shrink", &fused_lora::lora_shrink, "xa = D(x) A^T", py::arg("x"), py::arg("lora_A"),
         py::arg("seed"), py::arg("threshold"), py::arg("dropout_p"), release_gil());
   m.def("lora_forward", &fused_lora::lora_forward, "y = x W^T + b + scaling * xa B^T",

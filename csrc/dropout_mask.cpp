@@ -12,6 +12,9 @@
 namespace fused_lora {
 namespace {
 constexpr int64_t kMaskChunk = 64 * 1024;  // elements per task
+// NOTE: one element's Philox share costs about as much as 16 multiply-adds (the
+// unit of parallel_tasks' serial threshold).
+constexpr int64_t kMaskChunkWork = 16 * kMaskChunk;
 }  // namespace
 
 at::Tensor keep_mask(int64_t seed, int64_t rows, int64_t cols, int64_t threshold) {
@@ -21,7 +24,7 @@ at::Tensor keep_mask(int64_t seed, int64_t rows, int64_t cols, int64_t threshold
   auto mask = at::empty({rows, cols}, at::TensorOptions().dtype(at::kBool));
   const int64_t total = rows * cols;
   bool* out = mask.data_ptr<bool>();
-  parallel_tasks(ceil_div(total, kMaskChunk), [] { return Scratch<uint16_t>(); },
+  parallel_tasks(ceil_div(total, kMaskChunk), kMaskChunkWork, [] { return Scratch<uint16_t>(); },
                  [&](int64_t task, Scratch<uint16_t>& scratch) {
     const int64_t start = task * kMaskChunk;
     const int64_t count = std::min(kMaskChunk, total - start);
@@ -38,7 +41,7 @@ at::Tensor random_uint16(int64_t seed, int64_t start, int64_t count) {
               start, " and ", count);
   auto values = at::empty({count}, at::TensorOptions().dtype(at::kInt));
   int32_t* out = values.data_ptr<int32_t>();
-  parallel_tasks(ceil_div(count, kMaskChunk), [] { return Scratch<uint16_t>(); },
+  parallel_tasks(ceil_div(count, kMaskChunk), kMaskChunkWork, [] { return Scratch<uint16_t>(); },
                  [&](int64_t task, Scratch<uint16_t>& scratch) {
     const int64_t offset = task * kMaskChunk;
     const int64_t n = std::min(kMaskChunk, count - offset);

@@ -5,21 +5,45 @@
 // afterwards in task order. A task's arithmetic is then the same whichever
 // thread runs it, so results are bit-identical for any torch.set_num_threads.
 // (Tasks call only this backend's own kernels, never a threaded BLAS.)
+//
+// Threads: ATen's own pool (at::parallel_for, the OpenMP runtime torch loaded),
+// never a second one: the extension's libgomp.so.1 resolves to the copy torch
+// already loaded (one runtime, one team; bench/omp_check.py shows it).
 #pragma once
 
 #include <ATen/Parallel.h>
 
 #include <cstdint>
-#include <vector>
+#include <memory>
 
 namespace fused_lora {
 
+// Below this much work in all (multiply-adds, the callers' estimate) the tasks run
+// on the calling thread: starting a parallel region costs microseconds, more than
+// the whole op at tiny sizes.
+// NOTE: measured on 2 cores (bench/cpu_pieces.py --small): the shrink and backward
+// of T x 64 x 64, r = 4 broke even with 2 threads at about this size.
+constexpr int64_t kMinParallelWork = 1 << 18;
+
 // task(t, scratch) for t in [0, num_tasks); scratch = make_scratch() is made
-// once per thread's run of tasks and reused by them.
+// once per thread's run of tasks and reused by them. work_per_task: multiply-adds
+// of one task, for the serial threshold.
 // NOTE: per-task allocations of L2-sized scratch went to mmap/munmap and
 // page-faulted on every task (+40% on the dropout shrink).
 template <typename MakeScratch, typename F>
-void parallel_tasks(int64_t num_tasks, const MakeScratch& make_scratch, const F& task) {
+void parallel_tasks(int64_t num_tasks, int64_t work_per_task, const MakeScratch& make_scratch,
+                    const F& task) {
+  if (num_tasks <= 0) {
+    return;
+  }
+  if (num_tasks == 1 || num_tasks * work_per_task < kMinParallelWork ||
+      at::get_num_threads() == 1) {
+    auto scratch = make_scratch();
+    for (int64_t t = 0; t < num_tasks; ++t) {
+      task(t, scratch);
+    }
+    return;
+  }
   at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
     auto scratch = make_scratch();
     for (int64_t t = begin; t < end; ++t) {
@@ -28,19 +52,21 @@ void parallel_tasks(int64_t num_tasks, const MakeScratch& make_scratch, const F&
   });
 }
 
-// A growable scratch buffer (contents undefined between uses).
+// A growable scratch buffer (contents undefined between uses; never zero-filled).
 template <typename T>
 class Scratch {
  public:
   T* get(int64_t size) {
-    if (static_cast<int64_t>(data_.size()) < size) {
-      data_.resize(size);
+    if (size_ < size) {
+      data_.reset(new T[size]);
+      size_ = size;
     }
-    return data_.data();
+    return data_.get();
   }
 
  private:
-  std::vector<T> data_;
+  std::unique_ptr<T[]> data_;
+  int64_t size_ = 0;
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -48,6 +48,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "'' when FUSED_LORA_ISA and FUSED_LORA_PHILOX_ISA are unset or valid, else the message");
   // seed: an int or a 0-d int64 CPU tensor.
   m.def(
+      "dropout",
+      [](const at::Tensor& x, py::handle seed, int64_t threshold, double dropout_p, double scale) {
+        const int64_t seed_int = seed_value(seed);
+        py::gil_scoped_release no_gil;
+        return fused_lora::dropout(x, seed_int, threshold, dropout_p, scale);
+      },
+      "acc(x) * (keep ? scale : 0) in fp32 (fp64 for fp64 x)", py::arg("x"), py::arg("seed"),
+      py::arg("threshold"), py::arg("dropout_p"), py::arg("scale"));
+  m.def(
       "lora_shrink",
       [](const at::Tensor& x, const at::Tensor& lora_A, py::handle seed, int64_t threshold,
          double dropout_p) {

@@ -29,15 +29,16 @@ constexpr int64_t kPartialsBytes = 64 << 20;
 
 // Per-task partial sums of dB^T (r, N) or dA (r, K): (tasks, r, cols), each task's
 // slice zeroed by the task itself (first touch by the thread that fills it).
-template <typename acc_t>
+template <typename acc_t, int Slot>
 struct Partials {
-  std::unique_ptr<acc_t[]> sums;
-  int64_t size = 0;  // elements per task
+  ThreadBuffer<acc_t, Slot> sums;
+  int64_t size;  // elements per task
+  bool needed;
 
   Partials(bool needed, int64_t tasks, int64_t rank, int64_t cols)
-      : sums(needed ? new acc_t[tasks * rank * cols] : nullptr), size(rank * cols) {}
-  acc_t* of(int64_t task) {
-    if (!sums) {
+      : sums(needed ? tasks * rank * cols : 0), size(rank * cols), needed(needed) {}
+  acc_t* of(int64_t task) const {
+    if (!needed) {
       return nullptr;
     }
     acc_t* partial = sums.get() + task * size;
@@ -48,8 +49,8 @@ struct Partials {
 
 // out(j, c) = scale * sum over tasks of partials(j, c), in task order, written into
 // out (out_t) at out[j * stride_j + c * stride_c]; columns split over threads when large.
-template <typename acc_t>
-void total_into(const Partials<acc_t>& partials, int64_t tasks, int64_t rank, int64_t cols,
+template <typename acc_t, int Slot>
+void total_into(const Partials<acc_t, Slot>& partials, int64_t tasks, int64_t rank, int64_t cols,
                 double scale, at::Tensor& out, int64_t stride_j, int64_t stride_c) {
   constexpr int64_t kColumnsPerTask = 512;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "sum_partials", [&] {
@@ -98,19 +99,19 @@ void backward_rows(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
       ceil_div(rows_total, std::min(reduction_chunks(rows_total), max_tasks));
   const int64_t tasks = ceil_div(rows_total, chunk_rows);
   const int64_t block = rows_per_block(std::max(in_features, out_features), kBackwardBlockElements);
-  Partials<acc_t> dA_partials(dA != nullptr, tasks, rank, in_features);
-  Partials<acc_t> dB_partials(dB != nullptr, tasks, rank, out_features);
+  const Partials<acc_t, 2> dA_partials(dA != nullptr, tasks, rank, in_features);
+  const Partials<acc_t, 3> dB_partials(dB != nullptr, tasks, rank, out_features);
   // NOTE: A and B packed straight from the adapters (any strides and dtype): no
   // converted, transposed or contiguous copies as tensors.
-  std::vector<acc_t> packed_A(dx != nullptr ? packed_panels_size(rank, in_features, sizeof(acc_t)) : 0);
+  const ThreadBuffer<acc_t, 4> packed_A(dx != nullptr ? packed_panels_size(rank, in_features, sizeof(acc_t)) : 0);
   if (dx != nullptr) {
     pack_panels_from(lora_A, lora_A.stride(0), lora_A.stride(1), rank, in_features, acc_t(1),
-                     packed_A.data());
+                     packed_A.get());
   }
-  std::vector<acc_t> packed_B(needs_dxa ? packed_transposed_size(rank, out_features, sizeof(acc_t)) : 0);
+  const ThreadBuffer<acc_t, 5> packed_B(needs_dxa ? packed_transposed_size(rank, out_features, sizeof(acc_t)) : 0);
   if (needs_dxa) {  // dxa = dy B: m(j, k) = B[k, j]
     pack_transposed_from(lora_B, lora_B.stride(1), lora_B.stride(0), rank, out_features,
-                         packed_B.data());
+                         packed_B.get());
   }
   const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
   const int64_t dy_row_stride = dy.stride(0);
@@ -163,14 +164,14 @@ void backward_rows(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
       if (!needs_dxa) {
         continue;
       }
-      row_dots(dy_block, dy_ld, packed_B.data(), rows, rank, out_features, dxa);
+      row_dots(dy_block, dy_ld, packed_B.get(), rows, rank, out_features, dxa);
       if (dropout) {
         // The block's rows are consecutive elements of the flattened (T, K) input.
         philox_uint16(seed, static_cast<uint64_t>(row0 * in_features), rows * in_features,
                       rnd);
       }
       if (dx_data != nullptr) {
-        expand_masked_store(dxa, packed_A.data(), rows, rank, in_features,
+        expand_masked_store(dxa, packed_A.get(), rows, rank, in_features,
                             dropout ? rnd : nullptr, in_features, threshold, dx_alpha,
                             dx_data + row0 * in_features, in_features);
       }

@@ -33,9 +33,9 @@ void shrink_blocks(const at::Tensor& x, const at::Tensor& lora_A, at::Tensor& xa
   const int64_t x_row_stride = x.stride(0);
   // NOTE: A^T packed straight from lora_A (any strides and adapter dtype): no
   // converted or contiguous copy of it as a tensor.
-  std::vector<acc_t> lora_A_t(packed_transposed_size(rank, cols, sizeof(acc_t)));
-  pack_transposed_from(lora_A, lora_A.stride(0), lora_A.stride(1), rank, cols, lora_A_t.data());
-  const acc_t* lora_A_t_data = lora_A_t.data();
+  const ThreadBuffer<acc_t, 0> lora_A_t(packed_transposed_size(rank, cols, sizeof(acc_t)));
+  pack_transposed_from(lora_A, lora_A.stride(0), lora_A.stride(1), rank, cols, lora_A_t.get());
+  const acc_t* lora_A_t_data = lora_A_t.get();
   acc_t* xa_data = xa.data_ptr<acc_t>();
   const int64_t block = rows_per_block(cols);
   const int64_t tasks = ceil_div(rows_total, block);
@@ -86,9 +86,9 @@ void expand_into_output(const at::Tensor& xa, const at::Tensor& lora_B, double s
   const acc_t* xa_data = xa.const_data_ptr<acc_t>();
   // NOTE: (s B)^T packed straight from lora_B, the scaling folded in: no scaled,
   // transposed or converted copy of it as a tensor.
-  std::vector<acc_t> packed(packed_panels_size(rank, cols, sizeof(acc_t)));
+  const ThreadBuffer<acc_t, 1> packed(packed_panels_size(rank, cols, sizeof(acc_t)));
   pack_panels_from(lora_B, lora_B.stride(1), lora_B.stride(0), rank, cols,
-                   static_cast<acc_t>(scaling), packed.data());
+                   static_cast<acc_t>(scaling), packed.get());
   const scalar_t* bias_data = bias ? bias->const_data_ptr<scalar_t>() : nullptr;
   scalar_t* y_data = y.data_ptr<scalar_t>();
 
@@ -97,7 +97,7 @@ void expand_into_output(const at::Tensor& xa, const at::Tensor& lora_B, double s
     const int64_t row0 = task * block;
     const int64_t rows = std::min(block, rows_total - row0);
     // fp16/bf16: the LoRA term and the bias are summed in fp32 and rounded once.
-    expand_bias_store(xa_data + row0 * rank, packed.data(), rows, rank, cols, bias_data,
+    expand_bias_store(xa_data + row0 * rank, packed.get(), rows, rank, cols, bias_data,
                       y_data + row0 * cols, cols);
   });
 }

@@ -21,6 +21,28 @@ template <typename acc_t, typename src_t>
 void pack_transposed(const src_t* m, int64_t stride_j, int64_t stride_k, int64_t rank, int64_t n,
                      acc_t* packed) {
   const int64_t ld = packed_rank(rank, sizeof(acc_t));
+  if (stride_k == 1 && stride_j != 1) {
+    // NOTE: a transpose of row-major m (lora_A): tiles of 16 k, so each row of m is
+    // read a cache line at a time; k outer, j inner read r rows a power-of-2 stride
+    // apart per k, all in one L1 set. Packing still costs r * K element moves per
+    // call: with fewer rows than the rank, cpu_ops takes the ATen path instead.
+    constexpr int64_t kTile = 16;
+    for (int64_t k0 = 0; k0 < n; k0 += kTile) {
+      const int64_t k1 = std::min(n, k0 + kTile);
+      for (int64_t j = 0; j < rank; ++j) {
+        const src_t* src = m + j * stride_j;
+        for (int64_t k = k0; k < k1; ++k) {
+          packed[k * ld + j] = static_cast<acc_t>(src[k]);
+        }
+      }
+      for (int64_t k = k0; k < k1; ++k) {
+        for (int64_t j = rank; j < ld; ++j) {
+          packed[k * ld + j] = acc_t(0);
+        }
+      }
+    }
+    return;
+  }
   for (int64_t k = 0; k < n; ++k) {
     acc_t* dst = packed + k * ld;
     for (int64_t j = 0; j < rank; ++j) {

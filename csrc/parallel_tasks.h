@@ -8,7 +8,7 @@
 //
 // Threads: ATen's own pool (at::parallel_for, the OpenMP runtime torch loaded),
 // never a second one: the extension's libgomp.so.1 resolves to the copy torch
-// already loaded (one runtime, one team; bench/omp_check.py shows it).
+// already loaded (one runtime, one team; tests/test_cpu_speed_paths.py checks it).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -21,8 +21,9 @@ namespace fused_lora {
 // Below this much work in all (multiply-adds, the callers' estimate) the tasks run
 // on the calling thread: starting a parallel region costs microseconds, more than
 // the whole op at tiny sizes.
-// NOTE: measured on 2 cores (bench/cpu_pieces.py --small): the shrink and backward
-// of T x 64 x 64, r = 4 broke even with 2 threads at about this size.
+// NOTE: on this project's 2-core machines, fwd+bwd at T = 64..1024, K = N = 64..1024,
+// r = 16, p = 0.1 ran alike with this threshold and with none (within the machine's
+// noise); running every size serially lost up to 30% at T = 1024.
 constexpr int64_t kMinParallelWork = 1 << 18;
 
 // task(t, scratch) for t in [0, num_tasks); scratch = make_scratch() is made
@@ -67,6 +68,34 @@ class Scratch {
  private:
   std::unique_ptr<T[]> data_;
   int64_t size_ = 0;
+};
+
+// A buffer of `size` T for one use site (Slot) of the calling thread, reused by its
+// later calls (contents undefined): no allocation, page faults or zero-fill per
+// call. Buffers above kKeptBytes are allocated per call and freed.
+// NOTE: buffers above glibc's mmap threshold (packed adapters, dA / dB partials of
+// MBs) came back as fresh, kernel-zeroed pages on every call; kept per thread they
+// are faulted in once. A use site must not be live twice on one thread at a time
+// (the ops are not re-entrant).
+constexpr int64_t kKeptBytes = 8 << 20;
+
+template <typename T, int Slot>
+class ThreadBuffer {
+ public:
+  explicit ThreadBuffer(int64_t size) {
+    static thread_local Scratch<T> kept;
+    if (size * static_cast<int64_t>(sizeof(T)) <= kKeptBytes) {
+      data_ = kept.get(size);
+    } else {
+      owned_.reset(new T[size]);
+      data_ = owned_.get();
+    }
+  }
+  T* get() const { return data_; }
+
+ private:
+  T* data_ = nullptr;
+  std::unique_ptr<T[]> owned_;
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -1,18 +1,34 @@
-"""The "cpu" backend: thin wrappers over the C++ extension ``fused_lora._C``.
+"""The "cpu" backend: the C++ extension ``fused_lora._C``, and ATen GEMMs where they win.
 
-Same interface as ``fused_lora.torch_ops`` (see there). The C++ side (csrc/)
-fuses the dropout into the shrink and into the dx / dA loops, regenerating the
-Philox mask tile by tile, and accumulates the expand into the base GEMM's
-output. The integer dropout threshold is computed here, by
+Same interface as ``fused_lora.torch_ops`` (see there). Two paths, chosen per call
+from the shapes alone (``fused_path``), so a call's results never depend on the
+machine's load or thread count:
+
+* fused (most shapes): the C++ loops of csrc/ fuse the dropout into the shrink
+  and into the dx / dA loops, regenerating the Philox mask tile by tile, and
+  accumulate the expand into the base GEMM's output. Deterministic partial sums:
+  xa, dA and dB are bit-identical for any thread count.
+* aten: the rank-r products as ATen GEMMs (MKL), like the torch backend, with the
+  dropout mask from the C++ Philox (``_C.dropout``) instead of torch ops. Used
+  where the fused loops lose, measured with ``python -m bench.cpu_dispatch``:
+  large ranks (their register-blocked loops are no GEMM), and few rows against
+  large adapters (packing r * (K + N) adapter elements per call costs more than
+  the rows' work). As deterministic as MKL: bit-identical run to run, and across
+  thread counts only as far as MKL is.
+
+The integer dropout threshold is computed here, by
 ``fused_lora.philox.dropout_threshold``, so its rounding is the same on every
-backend. fp16 and bf16 inputs run the same path (LoRA branch in fp32).
+backend. fp16 and bf16 inputs run the same paths (LoRA branch in fp32).
 
-The C++ loops run the best ISA level the CPU has (avx512, avx2 or baseline
-x86-64; ``ISA``); the environment variable ``FUSED_LORA_ISA`` caps it (read once,
-when the extension loads; an invalid value raises here).
+Environment: ``FUSED_LORA_ISA`` caps the ISA level of the C++ loops (avx512, avx2
+or baseline; ``ISA`` is the level in use); ``FUSED_LORA_CPU_PATH=fused|aten``
+forces one path for every call (default ``auto``). Both are read once; an invalid
+value raises here.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -26,6 +42,36 @@ if _ENV_ERROR:
 ISA = _C.isa()
 """The ISA level of the C++ loops in this process: "avx512", "avx2" or "baseline"."""
 
+PATHS = ("auto", "fused", "aten")
+PATH = os.environ.get("FUSED_LORA_CPU_PATH") or "auto"
+if PATH not in PATHS:
+    raise ValueError(f"environment variable FUSED_LORA_CPU_PATH: expected one of {PATHS}, got {PATH!r}")
+
+# NOTE: the rule of fused_path, from python -m bench.cpu_dispatch (fwd+bwd of both paths and
+# of the torch backend, interleaved; 1 thread; Intel Xeon, avx512 and forced avx2 paths with
+# MKL and ATen at AVX2 too; README "CPU backend: which path runs a shape"):
+# * r >= 64: ATen's GEMMs tie or win on either ISA, with or without dropout (up to 1.4x;
+#   the fused loops are register-blocked, not cache-blocked), unless the adapters and the
+#   whole job are tiny (r (K + N) < 2**15 and T r (K + N) <= 2**21), where the fused path's
+#   fewer ops win (up to 1.5x at T = 1, K = N = 64);
+# * r < 64: the fused loops win or tie (with dropout by up to 2x), unless there are fewer
+#   rows than the rank on adapters of r (K + N) >= 2**15: packing them per call costs more
+#   than ATen's GEMVs (1.05x at T = 1, K = N = 2048, r = 16).
+MAX_FUSED_RANK = 63
+SMALL_ADAPTER_ELEMENTS = 1 << 15
+SMALL_WORK = 1 << 21
+
+
+def fused_path(rows: int, in_features: int, out_features: int, rank: int) -> bool:
+    """True: the fused C++ loops run this shape; False: the ATen path (a function of the shapes only)."""
+    if PATH != "auto":
+        return PATH == "fused"
+    adapter_elements = rank * (in_features + out_features)
+    if rank > MAX_FUSED_RANK:
+        return adapter_elements < SMALL_ADAPTER_ELEMENTS and rows * adapter_elements <= SMALL_WORK
+    return rows >= rank or adapter_elements < SMALL_ADAPTER_ELEMENTS
+
+
 # NOTE: the threshold of each p, computed once (dropout_threshold costs about a
 # microsecond per call, a tenth of a whole tiny op).
 _THRESHOLDS: dict[float, int] = {}
@@ -36,6 +82,15 @@ def _threshold(dropout_p: float) -> int:
     if threshold is None:
         threshold = _THRESHOLDS[dropout_p] = dropout_threshold(dropout_p)
     return threshold
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # NOTE: a no-op .to() still costs a dispatch (about a microsecond).
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def keep_mask(seed: int, rows: int, cols: int, dropout_p: float, device) -> torch.Tensor:
@@ -51,14 +106,59 @@ def random_uint16(seed: int, start: int, count: int) -> torch.Tensor:
 # seed: an int or a 0-d int64 CPU tensor; the C++ side reads it only when dropout_p > 0.
 
 def lora_shrink(x2d, lora_A, seed, dropout_p):
-    return _C.lora_shrink(x2d, lora_A, seed, _threshold(dropout_p), dropout_p), None
+    rows, in_features = x2d.shape
+    rank = lora_A.shape[0]
+    if fused_path(rows, in_features, in_features, rank):
+        return _C.lora_shrink(x2d, lora_A, seed, _threshold(dropout_p), dropout_p), None
+    acc = _acc_dtype(x2d.dtype)
+    if dropout_p > 0.0:
+        lora_input = _C.dropout(x2d, seed, _threshold(dropout_p), dropout_p, 1.0 / (1.0 - dropout_p))
+    else:
+        lora_input = _as(x2d, acc)
+    return torch.mm(lora_input, _as(lora_A, acc).t()), None
 
 
 def lora_forward(x2d, weight, bias, lora_B, xa, scaling):
-    return _C.lora_forward(x2d, weight, bias, lora_B, xa, scaling)
+    rows, in_features = x2d.shape
+    out_features, rank = lora_B.shape
+    if fused_path(rows, in_features, out_features, rank):
+        return _C.lora_forward(x2d, weight, bias, lora_B, xa, scaling)
+    # As the fused path: b + s xa B^T in fp32, rounded once, then the base GEMM onto it.
+    lora_B_t = _as(lora_B, xa.dtype).t()
+    if bias is None:
+        lora = torch.mm(xa, lora_B_t).mul_(scaling)
+    else:
+        lora = torch.addmm(_as(bias, xa.dtype), xa, lora_B_t, alpha=scaling)
+    return _as(lora, x2d.dtype).addmm_(x2d, weight.t())
 
 
 def lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_p, keep_bits,
                   needs_dx, needs_dA, needs_dB):
-    return _C.lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, _threshold(dropout_p),
-                            dropout_p, needs_dx, needs_dA, needs_dB)
+    rows, out_features = dy.shape
+    rank, in_features = lora_A.shape
+    threshold = _threshold(dropout_p)
+    if fused_path(rows, in_features, out_features, rank):
+        return _C.lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, threshold,
+                                dropout_p, needs_dx, needs_dA, needs_dB)
+    acc = xa.dtype
+    dy_acc = _as(dy, acc)
+    dx = dA = dB = None
+    if needs_dB:
+        dB = _as(torch.mm(dy_acc.t(), xa).mul_(scaling), lora_B.dtype)
+    if needs_dx or needs_dA:
+        dxa = torch.mm(dy_acc, _as(lora_B, acc))
+        if needs_dA:
+            if dropout_p > 0.0:
+                lora_input = _C.dropout(x2d, seed, threshold, dropout_p, 1.0 / (1.0 - dropout_p))
+            else:
+                lora_input = _as(x2d, acc)
+            dA = _as(torch.mm(dxa.t(), lora_input).mul_(scaling), lora_A.dtype)
+        if needs_dx:
+            lora = torch.mm(dxa, _as(lora_A, acc))
+            if dropout_p > 0.0:
+                lora = _C.dropout(lora, seed, threshold, dropout_p, scaling / (1.0 - dropout_p))
+            else:
+                lora.mul_(scaling)
+            # As the fused path: s D(dxa A) first, the base GEMM accumulated onto it.
+            dx = _as(lora, dy.dtype).addmm_(dy, weight)
+    return dx, dA, dB

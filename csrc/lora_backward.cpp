@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <memory>
 #include <type_traits>
-#include <vector>
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>

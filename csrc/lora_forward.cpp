@@ -1,7 +1,6 @@
 // Forward of the "cpu" backend: the dropout-fused shrink, and the expand written
 // into the output that the base GEMM then accumulates onto.
 #include <type_traits>
-#include <vector>
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>

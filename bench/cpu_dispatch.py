@@ -7,8 +7,9 @@ fused C++ path, backend="cpu" on its ATen path, and backend="torch", on the same
 inputs, interleaved repeat by repeat, for T x K -> N, rank r and dropout p over a
 grid. With one thread each call is timed by the thread's CPU time (what a busy
 shared machine perturbs least); with more, by wall time. One line per case: the
-medians, the path the rule picks, and its time over the torch backend's (the
-"never slower" figure) and over the faster path's ("rule loss"); the header
+medians, the path the rule picks for the shrink and backward (the forward follows
+the rule without dropout), and its time over the torch backend's (the "never
+slower" figure) and over the faster path's ("rule loss"); the header
 names the CPU model, the ISA path and the thread count. --csv writes the rows.
 
 Run it once per ISA path (FUSED_LORA_ISA=avx2 forces the C++ loops' AVX2 code on
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
         times = measure(T, K, N, r, p, args.repeats, dtype)
         med = {name: statistics.median(values) for name, values in times.items()}
         cpu_ops.PATH = "auto"
-        rule = "fused" if cpu_ops.fused_path(T, K, N, r) else "aten"
+        rule = "fused" if cpu_ops.fused_path(T, K, N, r, p) else "aten"
         versus_torch, loss = med[rule] / med["torch"], med[rule] / min(med["fused"], med["aten"])
         rows.append(dict(machine, T=T, K=K, N=N, r=r, p=p, fused_ms=1e3 * med["fused"], aten_ms=1e3 * med["aten"],
                          torch_ms=1e3 * med["torch"], rule=rule, rule_over_torch=versus_torch, rule_loss=loss))

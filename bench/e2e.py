@@ -99,7 +99,7 @@ def run(device: torch.device, size_name: str, r: int, p: float, dtype: torch.dty
             synchronize()
             seconds[name].append(time.perf_counter() - begin)
     tokens = batch * sequence
-    backend = _backends_used(models["fused_lora"], tokens, r)
+    backend = _backends_used(models["fused_lora"], tokens, r, p)
     rows = []
     for name in models:
         med, p20, p80 = (timing.quantile(seconds[name], q) for q in timing.QUANTILES)
@@ -112,7 +112,7 @@ def run(device: torch.device, size_name: str, r: int, p: float, dtype: torch.dty
     return rows
 
 
-def _backends_used(model, tokens, r) -> str:
+def _backends_used(model, tokens, r, p) -> str:
     """The backend (and cpu path) label of every FusedLoRALinear layer of the model, deduplicated."""
     import fused_lora
     from fused_lora.backends import backend_name_for
@@ -123,7 +123,7 @@ def _backends_used(model, tokens, r) -> str:
     for module in model.modules():
         if isinstance(module, fused_lora.FusedLoRALinear):
             name = backend_name_for(module.weight.device, module.backend)
-            labels.append(backend_used(name, module.in_features, module.out_features, tokens, r))
+            labels.append(backend_used(name, module.in_features, module.out_features, tokens, r, p))
     return "+".join(dict.fromkeys(labels))
 
 

@@ -39,7 +39,7 @@ def run(device: torch.device, providers, rows=(1, 16), p=0.1, calls=20, repeats=
             except NotImplementedError:
                 continue
             contestants[name] = (module, trainable_parameters(module))
-            labels[name] = backend_used(backend, K, N, T, r)
+            labels[name] = backend_used(backend, K, N, T, r, p)
         seconds = timing.time_latency(contestants, x, dy, device, calls=calls, repeats=repeats)
         base = seconds.get("linear")
         for name, values in seconds.items():

@@ -57,13 +57,16 @@ def aten_cpu_capability() -> str:
         return "unknown"
 
 
-def backend_used(backend: str, K: int, N: int, T: int, r: int) -> str:
-    """The backend label of a fused_lora row, with the cpu backend's path for the shape: "cpu:fused" or "cpu:aten"."""
+def backend_used(backend: str, K: int, N: int, T: int, r: int, p: float = 0.0) -> str:
+    """The backend label of a fused_lora row, with the cpu backend's path for the call: "cpu:fused",
+    "cpu:aten", or "cpu:aten+fused" where the forward (no mask: the rule without dropout) takes ATen
+    and the shrink and backward the fused loops."""
     if backend != "cpu":
         return backend
     from fused_lora import cpu_ops
 
-    return "cpu:fused" if cpu_ops.fused_path(T, K, N, r) else "cpu:aten"
+    paths = dict.fromkeys("fused" if cpu_ops.fused_path(T, K, N, r, q) else "aten" for q in (0.0, p))
+    return "cpu:" + "+".join(paths)
 
 
 def _git_commit() -> str:

@@ -1,7 +1,7 @@
 """The "cpu" backend: the C++ extension ``fused_lora._C``, and ATen GEMMs where they win.
 
 Same interface as ``fused_lora.torch_ops`` (see there). Two paths, chosen per call
-from the shapes alone (``fused_path``), so a call's results never depend on the
+from the shapes, the dropout and the ISA level (``fused_path``), never from the
 machine's load or thread count:
 
 * fused (most shapes): the C++ loops of csrc/ fuse the dropout into the shrink
@@ -47,29 +47,39 @@ PATH = os.environ.get("FUSED_LORA_CPU_PATH") or "auto"
 if PATH not in PATHS:
     raise ValueError(f"environment variable FUSED_LORA_CPU_PATH: expected one of {PATHS}, got {PATH!r}")
 
-# NOTE: the rule of fused_path, from python -m bench.cpu_dispatch (fwd+bwd of both paths and
-# of the torch backend, interleaved; 1 thread; Intel Xeon, avx512 and forced avx2 paths with
-# MKL and ATen at AVX2 too; README "CPU backend: which path runs a shape"):
-# * r >= 64: ATen's GEMMs tie or win on either ISA, with or without dropout (up to 1.4x;
-#   the fused loops are register-blocked, not cache-blocked), unless the adapters and the
-#   whole job are tiny (r (K + N) < 2**15 and T r (K + N) <= 2**21), where the fused path's
-#   fewer ops win (up to 1.5x at T = 1, K = N = 64);
-# * r < 64: the fused loops win or tie (with dropout by up to 2x), unless there are fewer
-#   rows than the rank on adapters of r (K + N) >= 2**15: packing them per call costs more
-#   than ATen's GEMVs (1.05x at T = 1, K = N = 2048, r = 16).
-MAX_FUSED_RANK = 63
+# NOTE: the rule of fused_path, from python -m bench.cpu_dispatch (fwd+bwd of both paths and of
+# the torch backend, interleaved, 1 thread, T in {1, 16, 128, 4096}, K = N in {64, 256, 2048},
+# r in {4, 16, 32, 64, 128, 256}, p in {0, 0.1}) on an Intel Xeon, on its avx512 path and on the
+# forced avx2 path (MKL and ATen at AVX2 too); bench/results/cpu-dispatch-*.csv, README:
+# * tiny jobs (r (K + N) < 2**15 adapter elements and T r (K + N) <= 2**21): the fused path's
+#   fewer ops win at any rank (up to 1.4x);
+# * fewer rows than the rank on larger adapters: packing r (K + N) elements per call costs more
+#   than ATen's GEMVs (up to 2.4x at T = 1);
+# * otherwise the fused loops win up to a rank that depends on the ISA level and on dropout (the
+#   fused mask saves ATen's D(x) and masked-dx passes); above it ATen's GEMMs win (the fused
+#   loops are register-blocked, not cache-blocked; up to 1.6x at r = 256):
+#   avx512: r <= 64 with dropout, r <= 32 without; avx2 (and baseline): r <= 32 with dropout,
+#   r <= 16 without.
 SMALL_ADAPTER_ELEMENTS = 1 << 15
 SMALL_WORK = 1 << 21
+MAX_FUSED_RANK = {  # (ISA level, dropout) -> the largest rank the fused loops run
+    ("avx512", True): 64, ("avx512", False): 32,
+    ("avx2", True): 32, ("avx2", False): 16,
+    ("baseline", True): 32, ("baseline", False): 16,
+}
 
 
-def fused_path(rows: int, in_features: int, out_features: int, rank: int) -> bool:
-    """True: the fused C++ loops run this shape; False: the ATen path (a function of the shapes only)."""
+def fused_path(rows: int, in_features: int, out_features: int, rank: int, dropout_p: float = 0.0) -> bool:
+    """True: the fused C++ loops run this call; False: the ATen path. A function of the shapes,
+    dropout_p and the ISA level: never of the machine's load or thread count."""
     if PATH != "auto":
         return PATH == "fused"
     adapter_elements = rank * (in_features + out_features)
-    if rank > MAX_FUSED_RANK:
-        return adapter_elements < SMALL_ADAPTER_ELEMENTS and rows * adapter_elements <= SMALL_WORK
-    return rows >= rank or adapter_elements < SMALL_ADAPTER_ELEMENTS
+    if adapter_elements < SMALL_ADAPTER_ELEMENTS and rows * adapter_elements <= SMALL_WORK:
+        return True
+    if rows < rank:
+        return False
+    return rank <= MAX_FUSED_RANK[(ISA, dropout_p > 0.0)]
 
 
 # NOTE: the threshold of each p, computed once (dropout_threshold costs about a
@@ -108,7 +118,7 @@ def random_uint16(seed: int, start: int, count: int) -> torch.Tensor:
 def lora_shrink(x2d, lora_A, seed, dropout_p):
     rows, in_features = x2d.shape
     rank = lora_A.shape[0]
-    if fused_path(rows, in_features, in_features, rank):
+    if fused_path(rows, in_features, in_features, rank, dropout_p):
         return _C.lora_shrink(x2d, lora_A, seed, _threshold(dropout_p), dropout_p), None
     acc = _acc_dtype(x2d.dtype)
     if dropout_p > 0.0:
@@ -121,7 +131,7 @@ def lora_shrink(x2d, lora_A, seed, dropout_p):
 def lora_forward(x2d, weight, bias, lora_B, xa, scaling):
     rows, in_features = x2d.shape
     out_features, rank = lora_B.shape
-    if fused_path(rows, in_features, out_features, rank):
+    if fused_path(rows, in_features, out_features, rank):  # no mask here: the rule without dropout
         return _C.lora_forward(x2d, weight, bias, lora_B, xa, scaling)
     # As the fused path: b + s xa B^T in fp32, rounded once, then the base GEMM onto it.
     lora_B_t = _as(lora_B, xa.dtype).t()
@@ -137,7 +147,7 @@ def lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_p,
     rows, out_features = dy.shape
     rank, in_features = lora_A.shape
     threshold = _threshold(dropout_p)
-    if fused_path(rows, in_features, out_features, rank):
+    if fused_path(rows, in_features, out_features, rank, dropout_p):
         return _C.lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, threshold,
                                 dropout_p, needs_dx, needs_dA, needs_dB)
     acc = xa.dtype

@@ -226,14 +226,18 @@ def test_dropped_nan_reaches_dA_as_in_the_reference(cpu_path, path):
 
 def test_fused_path_rule():
     """The measured rule (cpu_ops.fused_path): fused loops for the goal shape and tiny jobs, ATen GEMMs
-    for r >= 64 on anything larger and for fewer rows than the rank on large adapters."""
+    above the ISA level's rank limit and for fewer rows than the rank on large adapters."""
     assert cpu_ops.PATH == "auto"
-    assert cpu_ops.fused_path(4096, 2048, 2048, 16)
-    assert cpu_ops.fused_path(1, 64, 64, 4)  # the latency shape
-    assert cpu_ops.fused_path(16, 64, 64, 128)  # r (K + N) and T r (K + N) small
-    assert not cpu_ops.fused_path(4096, 64, 64, 128)
-    assert not cpu_ops.fused_path(4096, 2048, 2048, 64)
-    assert not cpu_ops.fused_path(1, 2048, 2048, 16)
+    for p in (0.0, 0.1):
+        assert cpu_ops.fused_path(4096, 2048, 2048, 16, p)  # the issue's goal shape
+        assert cpu_ops.fused_path(1, 64, 64, 4, p)  # the latency shape
+        assert cpu_ops.fused_path(16, 64, 64, 128, p)  # r (K + N) and T r (K + N) small
+        assert not cpu_ops.fused_path(4096, 2048, 2048, 256, p)
+        assert not cpu_ops.fused_path(1, 2048, 2048, 16, p)
+        limit = cpu_ops.MAX_FUSED_RANK[(cpu_ops.ISA, p > 0.0)]
+        assert cpu_ops.fused_path(4096, 2048, 2048, limit, p)
+        assert not cpu_ops.fused_path(4096, 2048, 2048, limit + 1, p)
+    assert cpu_ops.fused_path(4096, 2048, 2048, 16) == cpu_ops.fused_path(4096, 2048, 2048, 16, 0.0)
 
 
 def test_seed_may_be_a_tensor():
@@ -302,6 +306,6 @@ def test_benchmark_rows_name_the_machine():
     assert meta["cpu_model"] and meta["threads"] == torch.get_num_threads()
     assert meta["aten_cpu_capability"] not in ("", None)
     assert {"cpu_model", "isa", "threads", "aten_cpu_capability", "mkl_instructions"} <= set(report.META_COLUMNS)
-    assert report.backend_used("cpu", 2048, 2048, 4096, 16) == "cpu:fused"
-    assert report.backend_used("cpu", 2048, 2048, 4096, 256) == "cpu:aten"
-    assert report.backend_used("torch", 2048, 2048, 4096, 16) == "torch"
+    assert report.backend_used("cpu", 2048, 2048, 4096, 16, 0.1) == "cpu:fused"
+    assert report.backend_used("cpu", 2048, 2048, 4096, 256, 0.1) == "cpu:aten"
+    assert report.backend_used("torch", 2048, 2048, 4096, 16, 0.1) == "torch"

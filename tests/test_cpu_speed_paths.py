@@ -264,6 +264,8 @@ def test_dropout_op_is_the_mask_times_the_scale():
 
 def test_one_openmp_runtime_in_the_process():
     """The extension's libgomp resolves to the copy torch loaded: one OpenMP runtime, one thread pool."""
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("needs /proc/self/maps (Linux)")
     done = _run_python("""
         import torch
         from fused_lora import _C
@@ -272,8 +274,6 @@ def test_one_openmp_runtime_in_the_process():
                  if any(lib in line for lib in ('libgomp', 'libiomp', 'libomp.'))}
         print(len(names))
     """)
-    if not os.path.exists("/proc/self/maps"):
-        pytest.skip("needs /proc/self/maps (Linux)")
     assert done.returncode == 0, done.stderr
     assert int(done.stdout) <= 1, done.stdout
 

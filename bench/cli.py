@@ -170,7 +170,9 @@ def main(argv=None) -> int:
     meta = report.metadata(device)
     stem = args.name or f"{device.type}-{datetime.date.today().isoformat()}" + ("-quick" if args.quick else "")
     os.makedirs(args.out_dir, exist_ok=True)
-    print(f"fused_lora benchmark on {meta['device_name']} ({meta['threads']} threads), torch {meta['torch']}, "
+    isa = (f", fused_lora ISA path {meta['isa']}, ATen {meta['aten_cpu_capability']}, MKL {meta['mkl_instructions']}, "
+           f"load {meta['load_average']}" if device.type == "cpu" else "")
+    print(f"fused_lora benchmark on {meta['device_name']} ({meta['threads']} threads{isa}), torch {meta['torch']}, "
           f"triton {meta['triton']}, peft {meta['peft']}, commit {meta['git_commit']}", flush=True)
 
     written = []
@@ -198,9 +200,9 @@ def main(argv=None) -> int:
     if e2e_rows:
         e2e_path = os.path.join(args.out_dir, f"{stem}-e2e.csv")
         with open(e2e_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(e2e_rows[0]))
+            writer = csv.DictWriter(f, fieldnames=list(e2e_rows[0]) + report.META_COLUMNS, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(e2e_rows)
+            writer.writerows({**meta, **row} for row in e2e_rows)
         written.append(e2e_path)
     noise = noisy_rows(rows)
     json_path = os.path.join(args.out_dir, f"{stem}.json")

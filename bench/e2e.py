@@ -99,21 +99,39 @@ def run(device: torch.device, size_name: str, r: int, p: float, dtype: torch.dty
             synchronize()
             seconds[name].append(time.perf_counter() - begin)
     tokens = batch * sequence
+    backend = _backends_used(models["fused_lora"], tokens, r, p)
     rows = []
     for name in models:
         med, p20, p80 = (timing.quantile(seconds[name], q) for q in timing.QUANTILES)
         kind, value = memory[name]
         rows.append(dict(provider=name, model=f"Llama h={size[0]} ffn={size[1]} layers={size[2]} vocab={vocab}",
                          tokens_per_step=tokens, r=r, p=p, dtype=str(dtype).replace("torch.", ""),
+                         backend=backend if name == "fused_lora" else "",
                          tokens_per_s=tokens / med, tokens_per_s_p20=tokens / p80, tokens_per_s_p80=tokens / p20,
                          step_ms=1e3 * med, memory_kind=kind, memory_bytes=value))
     return rows
 
 
+def _backends_used(model, tokens, r, p) -> str:
+    """The backend (and cpu path) label of every FusedLoRALinear layer of the model, deduplicated."""
+    import fused_lora
+    from fused_lora.backends import backend_name_for
+
+    from .report import backend_used
+
+    labels = []
+    for module in model.modules():
+        if isinstance(module, fused_lora.FusedLoRALinear):
+            name = backend_name_for(module.weight.device, module.backend)
+            labels.append(backend_used(name, module.in_features, module.out_features, tokens, r, p))
+    return "+".join(dict.fromkeys(labels))
+
+
 def format_rows(rows) -> str:
-    lines = [f"{'end-to-end fwd+bwd':<44} {'provider':<12} {'tokens/s':>10} {'p20-p80':>17} {'memory MB':>10}"]
+    lines = [f"{'end-to-end fwd+bwd':<44} {'provider':<22} {'tokens/s':>10} {'p20-p80':>17} {'memory MB':>10}"]
     for row in rows:
-        lines.append(f"{row['model'] + ' r=' + str(row['r']) + ' p=' + str(row['p']):<44} {row['provider']:<12} "
+        name = row["provider"] + (f"[{row['backend']}]" if row.get("backend") else "")
+        lines.append(f"{row['model'] + ' r=' + str(row['r']) + ' p=' + str(row['p']):<44} {name:<22} "
                      f"{row['tokens_per_s']:>10.0f} {row['tokens_per_s_p20']:>8.0f}-{row['tokens_per_s_p80']:<8.0f} "
                      f"{row['memory_bytes'] / 2 ** 20:>10.1f} ({row['memory_kind']})")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ import torch
 
 from . import report, timing
 from .providers import Weights, build, trainable_parameters
+from .report import backend_used
 
 DEFAULT_PROVIDERS = ("linear", "fused_lora", "eager_composite", "peft")
 
@@ -38,7 +39,7 @@ def run(device: torch.device, providers, rows=(1, 16), p=0.1, calls=20, repeats=
             except NotImplementedError:
                 continue
             contestants[name] = (module, trainable_parameters(module))
-            labels[name] = backend
+            labels[name] = backend_used(backend, K, N, T, r, p)
         seconds = timing.time_latency(contestants, x, dy, device, calls=calls, repeats=repeats)
         base = seconds.get("linear")
         for name, values in seconds.items():
@@ -66,15 +67,15 @@ def main(args, device, providers=None) -> int:
         providers.insert(0, "linear")
     meta = report.metadata(device)
     rows = run(device, providers, repeats=args.repeats or 7)
-    print(f"latency on {meta['device_name']} ({meta['threads']} threads), torch {meta['torch']}, "
+    isa = f", fused_lora ISA path {meta['isa']}" if device.type == "cpu" else ""
+    print(f"latency on {meta['device_name']} ({meta['threads']} threads{isa}), torch {meta['torch']}, "
           f"triton {meta['triton']}, commit {meta['git_commit']}")
     print(format_rows(rows))
     stem = args.name or f"{device.type}-latency"
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, f"{stem}.csv")
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + report.META_COLUMNS + ["cpu_model"],
-                                extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + report.META_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow({**meta, **row})

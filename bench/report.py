@@ -16,7 +16,8 @@ from .timing import MODES
 
 CSV_COLUMNS = ["K", "N", "T", "r", "p", "dtype", "provider", "backend", "mode", "status", "median_ms", "p20_ms",
                "p80_ms", "ratio_to_linear", "ratio_p20", "ratio_p80", "tflops", "saved_bytes", "peak_bytes"]
-META_COLUMNS = ["device", "device_name", "threads", "torch", "triton", "peft", "git_commit", "date"]
+META_COLUMNS = ["device", "device_name", "cpu_model", "isa", "aten_cpu_capability", "mkl_instructions", "threads",
+                "load_average", "torch", "triton", "peft", "git_commit", "date"]
 
 
 def _version(package: str) -> str:
@@ -26,7 +27,7 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -35,6 +36,37 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def isa_path() -> str:
+    """The ISA level the C++ backend's loops run ("avx512", "avx2", "baseline"; FUSED_LORA_ISA caps it),
+    with the Philox generator's where FUSED_LORA_PHILOX_ISA makes it differ; "no extension" without _C."""
+    try:
+        from fused_lora import _C  # type: ignore[attr-defined]
+    except ImportError:
+        return "no extension"
+    isa, philox = _C.isa(), _C.philox_isa()
+    return isa if philox == isa or (isa, philox) == ("baseline", "scalar") else f"{isa} (philox {philox})"
+
+
+def aten_cpu_capability() -> str:
+    """The ISA of ATen's own vectorised kernels (ATEN_CPU_CAPABILITY caps it)."""
+    try:
+        return torch.backends.cpu.get_cpu_capability().lower()
+    except (AttributeError, RuntimeError):
+        return "unknown"
+
+
+def backend_used(backend: str, K: int, N: int, T: int, r: int, p: float = 0.0) -> str:
+    """The backend label of a fused_lora row, with the cpu backend's path for the call: "cpu:fused",
+    "cpu:aten", or "cpu:aten+fused" where the forward (no mask: the rule without dropout) takes ATen
+    and the shrink and backward the fused loops."""
+    if backend != "cpu":
+        return backend
+    from fused_lora import cpu_ops
+
+    paths = dict.fromkeys("fused" if cpu_ops.fused_path(T, K, N, r, q) else "aten" for q in (0.0, p))
+    return "cpu:" + "+".join(paths)
 
 
 def _git_commit() -> str:
@@ -52,9 +84,15 @@ def _git_commit() -> str:
 def metadata(device: torch.device) -> dict:
     return {
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
-        "cpu_model": _cpu_model(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "cpu_model": cpu_model(),
+        "isa": isa_path() if device.type == "cpu" else "",
+        "aten_cpu_capability": aten_cpu_capability() if device.type == "cpu" else "",
+        # NOTE: MKL_ENABLE_INSTRUCTIONS=AVX2 makes MKL's GEMMs take their AVX2 path too.
+        "mkl_instructions": os.environ.get("MKL_ENABLE_INSTRUCTIONS", "default"),
         "threads": torch.get_num_threads(),
+        # NOTE: the machine's load when the run started: a busy shared machine stretches every row.
+        "load_average": " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "",
         "torch": torch.__version__,
         "triton": _version("triton"),
         "peft": _version("peft"),

@@ -10,6 +10,7 @@ from fused_lora.saved_tensors import saved_tensor_bytes
 
 from . import timing
 from .providers import Weights, build, trainable_parameters
+from .report import backend_used
 
 BASELINE = "linear"
 
@@ -69,7 +70,7 @@ def run_case(case: Case, providers, device, repeats: int, min_seconds: float = 0
             status[name] = _status_of(error)
             continue
         contestants[name] = (module, params)
-        backends[name] = backend
+        backends[name] = backend_used(backend, case.K, case.N, case.T, case.r, case.p)
         status[name] = "ok"
         try:
             saved[name] = saved_tensor_bytes(lambda: module(x0), exclude=module.parameters())

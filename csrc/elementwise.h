@@ -20,7 +20,7 @@ namespace fused_lora {
   _(c10::Half, float)
 
 #define FUSED_LORA_DECLARE_ELEMENTWISE(scalar_t, acc_t)                                   \
-  /* out[k] = acc(x[k]) * (keep ? scale : 0)   (D(x) of a segment, in acc_t; NaN stays) */ \
+  /* out[k] = acc(x[k]) * (keep ? scale : 0)   (D(x) of a segment, in acc_t) */        \
   void dropout_to_acc(const scalar_t* x, const uint16_t* rnd, uint32_t threshold,         \
                       acc_t scale, acc_t* out, int64_t n);                                \
   /* out[k] = acc(x[k]) */                                                                 \

@@ -19,6 +19,11 @@ at::Tensor keep_mask(int64_t seed, int64_t rows, int64_t cols, int64_t threshold
 // The 16-bit random values of flattened elements start .. start + count - 1 (int32).
 at::Tensor random_uint16(int64_t seed, int64_t start, int64_t count);
 
+// acc(x) * (keep ? scale : 0), (T, K) in fp32 (fp64 for fp64 x), with the mask of
+// (seed, threshold): D(x) when scale = 1 / (1 - p).
+at::Tensor dropout(const at::Tensor& x, int64_t seed, int64_t threshold, double dropout_p,
+                   double scale);
+
 // xa = D(x) A^T: (T, r) in fp32 (fp64 for fp64 x). D(x) is never materialised.
 at::Tensor lora_shrink(const at::Tensor& x, const at::Tensor& lora_A, int64_t seed,
                        int64_t threshold, double dropout_p);

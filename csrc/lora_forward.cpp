@@ -1,7 +1,6 @@
 // Forward of the "cpu" backend: the dropout-fused shrink, and the expand written
 // into the output that the base GEMM then accumulates onto.
 #include <type_traits>
-#include <vector>
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -10,6 +9,8 @@
 #include "checks.h"
 #include "elementwise.h"
 #include "lora_cpu.h"
+#include "packing.h"
+#include "parallel_tasks.h"
 #include "philox.h"
 #include "rank_kernels.h"
 
@@ -29,17 +30,20 @@ void shrink_blocks(const at::Tensor& x, const at::Tensor& lora_A, at::Tensor& xa
   const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - dropout_p));
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   const int64_t x_row_stride = x.stride(0);
-  std::vector<acc_t> lora_A_t(packed_transposed_size(rank, cols, sizeof(acc_t)));
-  pack_transposed(lora_A.const_data_ptr<acc_t>(), cols, rank, cols, lora_A_t.data());
-  const acc_t* lora_A_t_data = lora_A_t.data();
+  // NOTE: A^T packed straight from lora_A (any strides and adapter dtype): no
+  // converted or contiguous copy of it as a tensor.
+  const ThreadBuffer<acc_t, 0> lora_A_t(packed_transposed_size(rank, cols, sizeof(acc_t)));
+  pack_transposed_from(lora_A, lora_A.stride(0), lora_A.stride(1), rank, cols, lora_A_t.get());
+  const acc_t* lora_A_t_data = lora_A_t.get();
   acc_t* xa_data = xa.data_ptr<acc_t>();
   const int64_t block = rows_per_block(cols);
+  const int64_t tasks = ceil_div(rows_total, block);
 
   struct Buffers {
     Scratch<acc_t> lora_input;
     Scratch<uint16_t> rnd;
   };
-  parallel_tasks(ceil_div(rows_total, block), [] { return Buffers(); }, [&](int64_t task, Buffers& buffers) {
+  parallel_tasks(tasks, block * cols * rank, [] { return Buffers(); }, [&](int64_t task, Buffers& buffers) {
     const int64_t row0 = task * block;
     const int64_t rows = std::min(block, rows_total - row0);
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -71,7 +75,7 @@ void shrink_blocks(const at::Tensor& x, const at::Tensor& lora_A, at::Tensor& xa
 
 // y = b + xa (s B)^T, one block of rows per task, before the base GEMM adds x W^T.
 template <typename scalar_t>
-void expand_into_output(const at::Tensor& xa, const at::Tensor& scaled_B_t,
+void expand_into_output(const at::Tensor& xa, const at::Tensor& lora_B, double scaling,
                         const std::optional<at::Tensor>& bias, at::Tensor& y) {
   using acc_t = acc_type<scalar_t>;
   const int64_t rows_total = y.size(0);
@@ -79,16 +83,20 @@ void expand_into_output(const at::Tensor& xa, const at::Tensor& scaled_B_t,
   const int64_t rank = xa.size(1);
   const int64_t block = rows_per_block(cols);
   const acc_t* xa_data = xa.const_data_ptr<acc_t>();
-  std::vector<acc_t> packed(packed_panels_size(rank, cols, sizeof(acc_t)));
-  pack_panels(scaled_B_t.const_data_ptr<acc_t>(), cols, rank, cols, packed.data());
+  // NOTE: (s B)^T packed straight from lora_B, the scaling folded in: no scaled,
+  // transposed or converted copy of it as a tensor.
+  const ThreadBuffer<acc_t, 1> packed(packed_panels_size(rank, cols, sizeof(acc_t)));
+  pack_panels_from(lora_B, lora_B.stride(1), lora_B.stride(0), rank, cols,
+                   static_cast<acc_t>(scaling), packed.get());
   const scalar_t* bias_data = bias ? bias->const_data_ptr<scalar_t>() : nullptr;
   scalar_t* y_data = y.data_ptr<scalar_t>();
 
-  parallel_tasks(ceil_div(rows_total, block), [] { return 0; }, [&](int64_t task, int) {
+  parallel_tasks(ceil_div(rows_total, block), block * cols * rank, [] { return 0; },
+                 [&](int64_t task, int) {
     const int64_t row0 = task * block;
     const int64_t rows = std::min(block, rows_total - row0);
     // fp16/bf16: the LoRA term and the bias are summed in fp32 and rounded once.
-    expand_bias_store(xa_data + row0 * rank, packed.data(), rows, rank, cols, bias_data,
+    expand_bias_store(xa_data + row0 * rank, packed.get(), rows, rank, cols, bias_data,
                       y_data + row0 * cols, cols);
   });
 }
@@ -110,10 +118,9 @@ at::Tensor lora_shrink(const at::Tensor& x_in, const at::Tensor& lora_A, int64_t
 
   const at::Tensor x = with_unit_column_stride(x_in);
   const auto acc_dtype = accumulation_dtype(x.scalar_type());
-  const at::Tensor lora_A_acc = lora_A.to(acc_dtype).contiguous();  // (r, K)
   at::Tensor xa = at::empty({x.size(0), lora_A.size(0)}, x.options().dtype(acc_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_shrink", [&] {
-    shrink_blocks<scalar_t>(x, lora_A_acc, xa, static_cast<uint64_t>(seed),
+    shrink_blocks<scalar_t>(x, lora_A, xa, static_cast<uint64_t>(seed),
                             static_cast<uint32_t>(threshold), dropout_p);
   });
   return xa;
@@ -149,12 +156,11 @@ at::Tensor lora_forward(const at::Tensor& x, const at::Tensor& weight,
   check_dtype(xa_in, "xa", acc_dtype, "(the accumulation dtype)");
 
   const at::Tensor xa = xa_in.contiguous();
-  const at::Tensor scaled_B_t = lora_B.to(acc_dtype).mul(scaling).t().contiguous();  // (r, N)
   const std::optional<at::Tensor> bias_c =
-      bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+      bias && !bias->is_contiguous() ? std::optional<at::Tensor>(bias->contiguous()) : bias;
   at::Tensor y = at::empty({rows, out_features}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_forward", [&] {
-    expand_into_output<scalar_t>(xa, scaled_B_t, bias_c, y);
+    expand_into_output<scalar_t>(xa, lora_B, scaling, bias_c, y);
   });
   // NOTE: the base GEMM accumulates onto b + s xa B^T (beta = 1): y is written by
   // the expand once and read back inside the GEMM, never by a separate pass.

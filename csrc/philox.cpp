@@ -1,6 +1,8 @@
 // Philox4x32-10 dropout randomness, vectorised: 8 counters per AVX-512 vector
-// (4 per AVX2 vector), picked at run time; a scalar loop elsewhere.
+// (4 per AVX2 vector), picked at load time (isa.h); a scalar loop elsewhere.
 #include "philox.h"
+
+#include "isa.h"
 
 #include <algorithm>
 #include <cstdlib>
@@ -134,22 +136,19 @@ struct Implementation {
   const char* name;
 };
 
-// The widest ISA the CPU has; FUSED_LORA_PHILOX_ISA=avx2|scalar caps it (tests
-// use it to check every path against the same reference).
+// The widest ISA the loops may use (active_isa(): the CPU's best, capped by
+// FUSED_LORA_ISA), capped again by FUSED_LORA_PHILOX_ISA=avx2|scalar (tests use it
+// to check every path against the same reference; isa.cpp validates the value).
 Implementation pick_implementation() {
   const char* cap = std::getenv("FUSED_LORA_PHILOX_ISA");
   const std::string limit = cap != nullptr ? cap : "";
 #ifdef FUSED_LORA_PHILOX_X86
-  __builtin_cpu_init();
-  if (limit.empty() || limit == "avx512") {
-    if (__builtin_cpu_supports("avx512f")) {
-      return {fill_groups_avx512, "avx512"};
-    }
+  const Isa isa = active_isa();
+  if (isa == Isa::kAvx512 && (limit.empty() || limit == "avx512")) {
+    return {fill_groups_avx512, "avx512"};
   }
-  if (limit.empty() || limit == "avx512" || limit == "avx2") {
-    if (__builtin_cpu_supports("avx2")) {
-      return {fill_groups_avx2, "avx2"};
-    }
+  if (isa >= Isa::kAvx2 && (limit.empty() || limit == "avx512" || limit == "avx2")) {
+    return {fill_groups_avx2, "avx2"};
   }
 #endif
   return {fill_groups_scalar, "scalar"};

@@ -1,23 +1,110 @@
-"""The "cpu" backend: thin wrappers over the C++ extension ``fused_lora._C``.
+"""The "cpu" backend: the C++ extension ``fused_lora._C``, and ATen GEMMs where they win.
 
-Same interface as ``fused_lora.torch_ops`` (see there). The C++ side (csrc/)
-fuses the dropout into the shrink and into the dx / dA loops, regenerating the
-Philox mask tile by tile, and accumulates the expand into the base GEMM's
-output. The integer dropout threshold is computed here, by
+Same interface as ``fused_lora.torch_ops`` (see there). Two paths, chosen per call
+from the shapes, the dropout and the ISA level (``fused_path``), never from the
+machine's load or thread count:
+
+* fused (most shapes): the C++ loops of csrc/ fuse the dropout into the shrink
+  and into the dx / dA loops, regenerating the Philox mask tile by tile, and
+  accumulate the expand into the base GEMM's output. Deterministic partial sums:
+  xa, dA and dB are bit-identical for any thread count.
+* aten: the rank-r products as ATen GEMMs (MKL), like the torch backend, with the
+  dropout mask from the C++ Philox (``_C.dropout``) instead of torch ops. Used
+  where the fused loops lose, measured with ``python -m bench.cpu_dispatch``:
+  large ranks (their register-blocked loops are no GEMM), and few rows against
+  large adapters (packing r * (K + N) adapter elements per call costs more than
+  the rows' work). As deterministic as MKL: bit-identical run to run, and across
+  thread counts only as far as MKL is.
+
+The integer dropout threshold is computed here, by
 ``fused_lora.philox.dropout_threshold``, so its rounding is the same on every
-backend. fp16 and bf16 inputs run the same path (LoRA branch in fp32).
+backend. fp16 and bf16 inputs run the same paths (LoRA branch in fp32).
+
+Environment: ``FUSED_LORA_ISA`` caps the ISA level of the C++ loops (avx512, avx2
+or baseline; ``ISA`` is the level in use); ``FUSED_LORA_CPU_PATH=fused|aten``
+forces one path for every call (default ``auto``). Both are read once; an invalid
+value raises here.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from . import _C  # type: ignore[attr-defined]
 from .philox import dropout_threshold
 
+_ENV_ERROR = _C.isa_env_error()
+if _ENV_ERROR:
+    raise ValueError(_ENV_ERROR)
+
+ISA = _C.isa()
+"""The ISA level of the C++ loops in this process: "avx512", "avx2" or "baseline"."""
+
+PATHS = ("auto", "fused", "aten")
+PATH = os.environ.get("FUSED_LORA_CPU_PATH") or "auto"
+if PATH not in PATHS:
+    raise ValueError(f"environment variable FUSED_LORA_CPU_PATH: expected one of {PATHS}, got {PATH!r}")
+
+# NOTE: the rule of fused_path, from python -m bench.cpu_dispatch (fwd+bwd of both paths and of
+# the torch backend, interleaved, 1 thread, T in {1, 16, 128, 4096}, K = N in {64, 256, 2048},
+# r in {4, 16, 32, 64, 128, 256}, p in {0, 0.1}) on an Intel Xeon, on its avx512 path and on the
+# forced avx2 path (MKL and ATen at AVX2 too); bench/results/cpu-dispatch-*.csv, README:
+# * tiny jobs (r (K + N) < 2**15 adapter elements and T r (K + N) <= 2**21): the fused path's
+#   fewer ops win at any rank (up to 1.4x);
+# * fewer rows than the rank on larger adapters: packing r (K + N) elements per call costs more
+#   than ATen's GEMVs (up to 2.4x at T = 1);
+# * otherwise the fused loops win up to a rank that depends on the ISA level and on dropout (the
+#   fused mask saves ATen's D(x) and masked-dx passes); above it ATen's GEMMs win (the fused
+#   loops are register-blocked, not cache-blocked; up to 1.6x at r = 256):
+#   avx512: r <= 64 with dropout, r <= 32 without; avx2 (and baseline): r <= 32 with dropout,
+#   r <= 16 without.
+SMALL_ADAPTER_ELEMENTS = 1 << 15
+SMALL_WORK = 1 << 21
+MAX_FUSED_RANK = {  # (ISA level, dropout) -> the largest rank the fused loops run
+    ("avx512", True): 64, ("avx512", False): 32,
+    ("avx2", True): 32, ("avx2", False): 16,
+    ("baseline", True): 32, ("baseline", False): 16,
+}
+
+
+def fused_path(rows: int, in_features: int, out_features: int, rank: int, dropout_p: float = 0.0) -> bool:
+    """True: the fused C++ loops run this call; False: the ATen path. A function of the shapes,
+    dropout_p and the ISA level: never of the machine's load or thread count."""
+    if PATH != "auto":
+        return PATH == "fused"
+    adapter_elements = rank * (in_features + out_features)
+    if adapter_elements < SMALL_ADAPTER_ELEMENTS and rows * adapter_elements <= SMALL_WORK:
+        return True
+    if rows < rank:
+        return False
+    return rank <= MAX_FUSED_RANK[(ISA, dropout_p > 0.0)]
+
+
+# NOTE: the threshold of each p, computed once (dropout_threshold costs about a
+# microsecond per call, a tenth of a whole tiny op).
+_THRESHOLDS: dict[float, int] = {}
+
+
+def _threshold(dropout_p: float) -> int:
+    threshold = _THRESHOLDS.get(dropout_p)
+    if threshold is None:
+        threshold = _THRESHOLDS[dropout_p] = dropout_threshold(dropout_p)
+    return threshold
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # NOTE: a no-op .to() still costs a dispatch (about a microsecond).
+    return t if t.dtype == dtype else t.to(dtype)
+
 
 def keep_mask(seed: int, rows: int, cols: int, dropout_p: float, device) -> torch.Tensor:
-    mask = _C.keep_mask(seed, rows, cols, dropout_threshold(dropout_p))
+    mask = _C.keep_mask(seed, rows, cols, _threshold(dropout_p))
     return mask.to(device)
 
 
@@ -26,17 +113,62 @@ def random_uint16(seed: int, start: int, count: int) -> torch.Tensor:
     return _C.random_uint16(seed, start, count)
 
 
+# seed: an int or a 0-d int64 CPU tensor; the C++ side reads it only when dropout_p > 0.
+
 def lora_shrink(x2d, lora_A, seed, dropout_p):
-    seed = int(seed) if dropout_p > 0.0 else 0
-    return _C.lora_shrink(x2d, lora_A, seed, dropout_threshold(dropout_p), dropout_p), None
+    rows, in_features = x2d.shape
+    rank = lora_A.shape[0]
+    if fused_path(rows, in_features, in_features, rank, dropout_p):
+        return _C.lora_shrink(x2d, lora_A, seed, _threshold(dropout_p), dropout_p), None
+    acc = _acc_dtype(x2d.dtype)
+    if dropout_p > 0.0:
+        lora_input = _C.dropout(x2d, seed, _threshold(dropout_p), dropout_p, 1.0 / (1.0 - dropout_p))
+    else:
+        lora_input = _as(x2d, acc)
+    return torch.mm(lora_input, _as(lora_A, acc).t()), None
 
 
 def lora_forward(x2d, weight, bias, lora_B, xa, scaling):
-    return _C.lora_forward(x2d, weight, bias, lora_B, xa, scaling)
+    rows, in_features = x2d.shape
+    out_features, rank = lora_B.shape
+    if fused_path(rows, in_features, out_features, rank):  # no mask here: the rule without dropout
+        return _C.lora_forward(x2d, weight, bias, lora_B, xa, scaling)
+    # As the fused path: b + s xa B^T in fp32, rounded once, then the base GEMM onto it.
+    lora_B_t = _as(lora_B, xa.dtype).t()
+    if bias is None:
+        lora = torch.mm(xa, lora_B_t).mul_(scaling)
+    else:
+        lora = torch.addmm(_as(bias, xa.dtype), xa, lora_B_t, alpha=scaling)
+    return _as(lora, x2d.dtype).addmm_(x2d, weight.t())
 
 
 def lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_p, keep_bits,
                   needs_dx, needs_dA, needs_dB):
-    seed = int(seed) if dropout_p > 0.0 else 0
-    return _C.lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_threshold(dropout_p),
-                            dropout_p, needs_dx, needs_dA, needs_dB)
+    rows, out_features = dy.shape
+    rank, in_features = lora_A.shape
+    threshold = _threshold(dropout_p)
+    if fused_path(rows, in_features, out_features, rank, dropout_p):
+        return _C.lora_backward(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, threshold,
+                                dropout_p, needs_dx, needs_dA, needs_dB)
+    acc = xa.dtype
+    dy_acc = _as(dy, acc)
+    dx = dA = dB = None
+    if needs_dB:
+        dB = _as(torch.mm(dy_acc.t(), xa).mul_(scaling), lora_B.dtype)
+    if needs_dx or needs_dA:
+        dxa = torch.mm(dy_acc, _as(lora_B, acc))
+        if needs_dA:
+            if dropout_p > 0.0:
+                lora_input = _C.dropout(x2d, seed, threshold, dropout_p, 1.0 / (1.0 - dropout_p))
+            else:
+                lora_input = _as(x2d, acc)
+            dA = _as(torch.mm(dxa.t(), lora_input).mul_(scaling), lora_A.dtype)
+        if needs_dx:
+            lora = torch.mm(dxa, _as(lora_A, acc))
+            if dropout_p > 0.0:
+                lora = _C.dropout(lora, seed, threshold, dropout_p, scaling / (1.0 - dropout_p))
+            else:
+                lora.mul_(scaling)
+            # As the fused path: s D(dxa A) first, the base GEMM accumulated onto it.
+            dx = _as(lora, dy.dtype).addmm_(dy, weight)
+    return dx, dA, dB

@@ -72,9 +72,10 @@ def test_random_uint16_at_large_offsets(start):
         assert torch.equal(got, expected), f"start={start} count={count}"
 
 
-@pytest.mark.parametrize("isa", ["avx2", "scalar"])
-def test_every_philox_implementation(isa):
-    """Each vector width (capped by FUSED_LORA_PHILOX_ISA, in a fresh process) gives the same bits."""
+@pytest.mark.parametrize("variable,isa", [("FUSED_LORA_PHILOX_ISA", "avx2"), ("FUSED_LORA_PHILOX_ISA", "scalar"),
+                                          ("FUSED_LORA_ISA", "avx2"), ("FUSED_LORA_ISA", "baseline")])
+def test_every_philox_implementation(variable, isa):
+    """Each vector width (capped by FUSED_LORA_PHILOX_ISA or FUSED_LORA_ISA, in a fresh process) gives the same bits."""
     code = (
         "import sys, torch\n"
         "from fused_lora import _C, philox\n"
@@ -83,10 +84,10 @@ def test_every_philox_implementation(isa):
         "    assert torch.equal(_C.random_uint16(seed, start, count), philox.random_uint16(seed, start, count))\n"
         "assert torch.equal(_C.keep_mask(7, 17, 33, 6554), philox.keep_mask_torch(7, 17, 33, 0.1))\n"
     )
-    env = dict(os.environ, FUSED_LORA_PHILOX_ISA=isa)
+    env = dict(os.environ, **{variable: isa})
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() in (isa, "scalar"), result.stdout
+    assert result.stdout.strip() in ({"baseline": "scalar"}.get(isa, isa), "scalar"), result.stdout
 
 
 def test_keep_probability():

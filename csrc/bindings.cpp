@@ -70,6 +70,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("lora_B"), py::arg("xa"),
         py::arg("scaling"), release_gil());
   m.def(
+      "lora_linear",
+      [](const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+         const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, py::handle seed,
+         int64_t threshold, double dropout_p) {
+        const int64_t seed_int = dropout_p > 0.0 ? seed_value(seed) : 0;
+        py::gil_scoped_release no_gil;
+        return fused_lora::lora_linear(x, weight, bias, lora_A, lora_B, scaling, seed_int, threshold,
+                                       dropout_p);
+      },
+      "y = x W^T + b + scaling * D(x) A^T B^T as one autograd node (fused path, eager calls)",
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("lora_A"), py::arg("lora_B"),
+      py::arg("scaling"), py::arg("seed"), py::arg("threshold"), py::arg("dropout_p"));
+  m.def(
       "lora_backward",
       [](const at::Tensor& dy, const std::optional<at::Tensor>& x, const at::Tensor& weight,
          const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& xa, double scaling,

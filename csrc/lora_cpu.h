@@ -41,4 +41,10 @@ lora_backward(const at::Tensor& dy, const std::optional<at::Tensor>& x, const at
               double scaling, int64_t seed, int64_t threshold, double dropout_p, bool needs_dx,
               bool needs_dA, bool needs_dB);
 
+// The whole layer as one C++ autograd node (lora_autograd.cpp): y (T, N) whose backward
+// is lora_backward with this call's saved state; for eager calls on the fused path.
+at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, int64_t seed,
+                       int64_t threshold, double dropout_p);
+
 }  // namespace fused_lora

@@ -123,8 +123,35 @@ def _in_features(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) ->
     raise ValueError(f"x: expected last dimension {in_features} (weight's in_features), got shape {tuple(x.shape)}")
 
 
+def _valid_fast(x, weight, bias, lora_A, lora_B) -> bool:
+    """True when the call is plainly valid, decided with few attribute reads (the hot path of
+    every call); False sends it to the full checks, which say what is wrong."""
+    Tensor = torch.Tensor
+    if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(lora_A, Tensor)
+            and isinstance(lora_B, Tensor) and (bias is None or isinstance(bias, Tensor))):
+        return False
+    x_shape, w_shape, a_shape, b_shape = x.shape, weight.shape, lora_A.shape, lora_B.shape
+    if len(w_shape) != 2 or len(a_shape) != 2 or len(b_shape) != 2 or not x_shape:
+        return False
+    out_features, in_features = w_shape
+    r = a_shape[0]
+    if (x_shape[-1] != in_features or a_shape[1] != in_features or b_shape[0] != out_features or b_shape[1] != r
+            or in_features < 1 or out_features < 1 or r < 1):
+        return False
+    dtype, adapter_dtype = x.dtype, lora_A.dtype
+    if (dtype not in SUPPORTED_DTYPES or weight.dtype != dtype or lora_B.dtype != adapter_dtype
+            or (adapter_dtype != dtype and not (adapter_dtype == torch.float32 and dtype in HALF_DTYPES))):
+        return False
+    device = x.device
+    if weight.device != device or lora_A.device != device or lora_B.device != device:
+        return False
+    return bias is None or (bias.shape == (out_features,) and bias.dtype == dtype and bias.device == device)
+
+
 def check_lora_inputs(x, weight, bias, lora_A, lora_B) -> None:
     """Shapes, dtypes and devices of the tensors of one LoRA linear call."""
+    if _valid_fast(x, weight, bias, lora_A, lora_B):
+        return
     for name, value in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         _require_tensor(name, value)
     if bias is not None:

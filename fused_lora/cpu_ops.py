@@ -115,6 +115,23 @@ def random_uint16(seed: int, start: int, count: int) -> torch.Tensor:
 
 # seed: an int or a 0-d int64 CPU tensor; the C++ side reads it only when dropout_p > 0.
 
+def lora_linear(x2d, weight, bias, lora_A, lora_B, scaling, seed, dropout_p):
+    """y (T, N) of the whole layer as one C++ autograd node, or None where a call does not run
+    the fused path in all three operations (the Python Function then runs the two paths' mix).
+
+    For eager calls (``fused_lora_linear``): the node saves what the Function saves (x only
+    when lora_A needs a gradient, xa, the seed as an int) and its backward is lora_backward,
+    with no Python on the way (see csrc/lora_autograd.cpp).
+    """
+    rows, in_features = x2d.shape
+    out_features, rank = lora_B.shape
+    if not (fused_path(rows, in_features, in_features, rank, dropout_p)
+            and fused_path(rows, in_features, out_features, rank)
+            and fused_path(rows, in_features, out_features, rank, dropout_p)):
+        return None
+    return _C.lora_linear(x2d, weight, bias, lora_A, lora_B, scaling, seed, _threshold(dropout_p), dropout_p)
+
+
 def lora_shrink(x2d, lora_A, seed, dropout_p):
     rows, in_features = x2d.shape
     rank = lora_A.shape[0]

@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from .backends import backend_name_for
+from .backends import backend_name_for, backend_ops
 from .checks import MAX_SCALING, check_dropout_p, check_lora_inputs, check_scaling
 from .dropout import draw_seed
 from .function import FusedLoRAFunction, seed_argument
@@ -41,9 +41,11 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     Returns:
         (..., N) tensor in x's dtype.
     """
+    autocast = False
     if isinstance(x, torch.Tensor):
         device = x.device
         if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+            autocast = True
             x, weight, bias, lora_A, lora_B = _autocast_inputs(x, weight, bias, lora_A, lora_B)
     check_lora_inputs(x, weight, bias, lora_A, lora_B)
     # NOTE: the common case (Python floats in range) skips the generic checks' ABC isinstance calls.
@@ -71,7 +73,26 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         dropout_p, seed = 0.0, None
     elif seed is None:
         seed = draw_seed(device)
+    if name == "cpu" and not autocast and not torch.compiler.is_compiling():
+        y = _cpu_layer(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        if y is not None:
+            return y
     return FusedLoRAFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, name)
+
+
+def _cpu_layer(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    """The cpu backend's one-node C++ autograd path (``cpu_ops.lora_linear``), or None where it
+    does not apply: no rows, a seed tensor off the CPU, or a shape outside the fused path."""
+    if isinstance(seed, torch.Tensor) and seed.device.type != "cpu":
+        return None
+    out_features, in_features = weight.shape
+    x2d = x if x.dim() == 2 else x.reshape(-1, in_features)
+    if x2d.shape[0] == 0:
+        return None
+    y2d = backend_ops("cpu").lora_linear(x2d, weight, bias, lora_A, lora_B, scaling, seed, dropout_p)
+    if y2d is None or x.dim() == 2:
+        return y2d
+    return y2d.view(*x.shape[:-1], out_features)
 
 
 @torch.compiler.assume_constant_result

@@ -238,12 +238,24 @@ def _grid_device(device: torch.device):
 
 # ----------------------------------------------------------------------------- skinny kernels' configs
 
+def _skinny_config(name):
+    """Decorator: CONFIG_OVERRIDES[name] when a benchmark set it, small blocks in the interpreter
+    (several programs and loop steps even on test shapes), else the heuristic."""
+    def wrap(heuristic):
+        @functools.wraps(heuristic)
+        def config(T, features, R, element_size, device):
+            if name in CONFIG_OVERRIDES:
+                return CONFIG_OVERRIDES[name]
+            if interpreting():
+                return 16, 32, 4, 1
+            return heuristic(T, features, R, element_size, device)
+        return config
+    return wrap
+
+
+@_skinny_config("shrink")
 def _shrink_config(T, K, R, element_size, device):
     """(BLOCK_M, BLOCK_K, num_warps, num_stages) of the shrink."""
-    if "shrink" in CONFIG_OVERRIDES:
-        return CONFIG_OVERRIDES["shrink"]
-    if interpreting():
-        return 16, 32, 4, 1
     block_r = rank_block(R)
     block_k = {2: 128, 4: 64}.get(element_size, 32)
     if block_r > 64:
@@ -256,12 +268,9 @@ def _shrink_config(T, K, R, element_size, device):
     return block_m, block_k, 4, 3
 
 
+@_skinny_config("dy")
 def _dy_config(T, N, R, element_size, device):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dy pass."""
-    if "dy" in CONFIG_OVERRIDES:
-        return CONFIG_OVERRIDES["dy"]
-    if interpreting():
-        return 16, 32, 4, 1
     block_r = rank_block(R)
     base = {2: 256, 4: 128}.get(element_size, 64)
     # The (BLOCK_N, BLOCK_R) dB accumulator stays in registers: at most 4096 fp32 values per 4 warps.
@@ -270,12 +279,9 @@ def _dy_config(T, N, R, element_size, device):
     return block_m, block_n, 8 if block_n * block_r >= 4096 else 4, 2
 
 
+@_skinny_config("da")
 def _da_config(T, K, R, element_size, device):
     """(BLOCK_M, BLOCK_K, num_warps, num_stages) of the dA partials."""
-    if "da" in CONFIG_OVERRIDES:
-        return CONFIG_OVERRIDES["da"]
-    if interpreting():
-        return 16, 32, 4, 1
     block_r = rank_block(R)
     block_k = 128 if block_r <= 64 and element_size <= 2 else (64 if element_size <= 4 else 32)
     return 64 if element_size <= 4 else 32, block_k, 4, 3

@@ -104,11 +104,8 @@ def test_compiled_matches_eager_forward_and_backward(device_backend):
         assert_close_scaled(name, a, e, 21 + 16 + 24 + 8)  # the longest chain of sums in these layers
 
 
-@pytest.mark.parametrize("p", [0.0, 0.3])
-def test_eager_and_compiled_roads_are_bit_identical(device_backend, p):
-    # Eager calls go Function -> launchers; compiled ones Function -> custom ops -> the same
-    # launchers and plans. Same seed, same inputs: the same bits.
-    device, backend = device_backend
+def _seeded_layer_runs(device, backend, p):
+    """fn(x, A, B) of one fused layer with a fixed seed, and run(f) -> [y, dx, dA, dB] of (y**2).sum()."""
     torch.manual_seed(0)
     weight, bias = torch.randn(12, 20, device=device), torch.randn(12, device=device)
     A, B, x = torch.randn(4, 20, device=device), torch.randn(12, 4, device=device), torch.randn(9, 20, device=device)
@@ -122,6 +119,15 @@ def test_eager_and_compiled_roads_are_bit_identical(device_backend, p):
         y.pow(2).sum().backward()
         return [y.detach()] + [t.grad for t in inputs]
 
+    return fn, run
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_eager_and_compiled_roads_are_bit_identical(device_backend, p):
+    # Eager calls go Function -> launchers; compiled ones Function -> custom ops -> the same
+    # launchers and plans. Same seed, same inputs: the same bits.
+    device, backend = device_backend
+    fn, run = _seeded_layer_runs(device, backend, p)
     torch._dynamo.reset()
     for name, a, e in zip(("y", "dx", "dA", "dB"), run(torch.compile(fn, backend="aot_eager", fullgraph=True)),
                           run(fn)):
@@ -129,19 +135,7 @@ def test_eager_and_compiled_roads_are_bit_identical(device_backend, p):
 
 
 def test_compiled_dropout_with_explicit_seed_matches_eager():
-    torch.manual_seed(0)
-    weight, bias = torch.randn(12, 20), torch.randn(12)
-    A, B, x = torch.randn(4, 20), torch.randn(12, 4), torch.randn(9, 20)
-
-    def fn(x_, a_, b_):
-        return fused_lora_linear(x_, weight, bias, a_, b_, 0.5, 0.4, seed=1234, backend="torch")
-
-    def run(f):
-        inputs = [t.clone().requires_grad_(True) for t in (x, A, B)]
-        y = f(*inputs)
-        y.pow(2).sum().backward()
-        return [y.detach()] + [t.grad for t in inputs]
-
+    fn, run = _seeded_layer_runs(torch.device("cpu"), "torch", 0.4)
     torch._dynamo.reset()
     for name, a, e in zip(("y", "dx", "dA", "dB"), run(torch.compile(fn)), run(fn)):
         assert_close_scaled(name, a, e, 21 + 16 + 24 + 8)  # the longest chain of sums in these layers

@@ -11,6 +11,7 @@
 // Used by cpu_ops.lora_linear for eager calls only: torch.compile still traces the
 // Python Function and its custom ops.
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 
 #include "lora_cpu.h"
 
@@ -19,6 +20,50 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+
+// The same messages as function.py's ONCE_DIFFERENTIABLE and UNSAVED_X.
+constexpr const char* kOnceDifferentiable =
+    "fused_lora computes first derivatives only: its gradients cannot be differentiated again "
+    "(double backward through a backward run with create_graph=True)";
+constexpr const char* kUnsavedX =
+    "with lora_A frozen, x is not saved for backward, so a second derivative of dB with respect to x "
+    "could not even be detected; give lora_A requires_grad=True or leave create_graph off";
+
+// When backward runs with create_graph=True, give each gradient a grad_fn that raises:
+// the kernels build no graph, so a second derivative would silently miss every term that
+// passes through the layer. The error node's edges lead to what the gradients depend on
+// (dy, x, lora_A, lora_B; a 0-d view of each, no copy), so torch.autograd.grad with any
+// of them as inputs reaches it (function.py's _once_differentiable, same rule).
+variable_list once_differentiable(variable_list grads, const variable_list& anchors) {
+  variable_list inputs;
+  for (const auto& g : grads) {
+    if (g.defined()) {
+      inputs.push_back(g.detach());
+    }
+  }
+  const size_t n_grads = inputs.size();
+  for (const auto& a : anchors) {
+    if (a.defined() && a.requires_grad() && a.numel() > 0) {
+      at::Tensor element = a;
+      while (element.dim() > 0) {
+        element = element.select(0, 0);
+      }
+      inputs.push_back(element);
+    }
+  }
+  if (n_grads == 0 || inputs.size() == n_grads) {
+    return grads;  // nothing they depend on needs a gradient: no second derivative exists
+  }
+  torch::autograd::DelayedError error(kOnceDifferentiable, static_cast<int64_t>(inputs.size()));
+  variable_list wrapped = error.apply(std::move(inputs));
+  size_t next = 0;
+  for (auto& g : grads) {
+    if (g.defined()) {
+      g = wrapped[next++];
+    }
+  }
+  return grads;
+}
 
 struct LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
@@ -48,13 +93,23 @@ struct LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction>
     const bool needs_dA = ctx->needs_input_grad(lora_A_edge);
     const bool needs_dB = ctx->needs_input_grad(lora_A_edge + 1);
     const std::optional<at::Tensor> x = saved[0].defined() ? std::optional<at::Tensor>(saved[0]) : std::nullopt;
-    auto [dx, dA, dB] = lora_backward(grads[0], x, saved[1], saved[2], saved[3], saved[4],
-                                      ctx->saved_data["scaling"].toDouble(), ctx->saved_data["seed"].toInt(),
-                                      ctx->saved_data["threshold"].toInt(),
-                                      ctx->saved_data["dropout_p"].toDouble(), needs_dx, needs_dA, needs_dB);
+    const bool create_graph = at::GradMode::is_enabled();
+    std::optional<at::Tensor> dx, dA, dB;
+    {
+      at::NoGradGuard no_grad;  // the ATen path's ops must not build a graph either
+      std::tie(dx, dA, dB) = lora_backward(grads[0], x, saved[1], saved[2], saved[3], saved[4],
+                                           ctx->saved_data["scaling"].toDouble(), ctx->saved_data["seed"].toInt(),
+                                           ctx->saved_data["threshold"].toInt(),
+                                           ctx->saved_data["dropout_p"].toDouble(), needs_dx, needs_dA, needs_dB);
+    }
     // One gradient per forward input: x, weight, bias, lora_A, lora_B, then the scalars.
-    return {dx.value_or(at::Tensor()), at::Tensor(), at::Tensor(), dA.value_or(at::Tensor()),
-            dB.value_or(at::Tensor()), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    variable_list grads_out{dx.value_or(at::Tensor()), dA.value_or(at::Tensor()), dB.value_or(at::Tensor())};
+    if (create_graph) {
+      TORCH_CHECK(saved[0].defined() || !(needs_dB && needs_dx), kOnceDifferentiable, "; ", kUnsavedX);
+      grads_out = once_differentiable(std::move(grads_out), {grads[0], saved[0], saved[2], saved[3]});
+    }
+    return {grads_out[0], at::Tensor(), at::Tensor(), grads_out[1], grads_out[2],
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 

@@ -47,6 +47,38 @@ def _seed_tensor(seed) -> torch.Tensor:
     return torch.tensor(0 if seed is None else seed, dtype=torch.int64)
 
 
+ONCE_DIFFERENTIABLE = (
+    "fused_lora computes first derivatives only: its gradients cannot be differentiated again "
+    "(double backward through a backward run with create_graph=True)")
+UNSAVED_X = (
+    "with lora_A frozen, x is not saved for backward, so a second derivative of dB with respect to x "
+    "could not even be detected; give lora_A requires_grad=True or leave create_graph off")
+
+
+def _element(t: torch.Tensor) -> torch.Tensor:
+    """A 0-d view of t's first element: a graph edge to t without a copy."""
+    return t[(0,) * t.dim()]
+
+
+def _once_differentiable(grads, anchors):
+    """Gradients whose grad_fn raises ``ONCE_DIFFERENTIABLE`` (backward ran with create_graph=True).
+
+    The kernels build no graph: without this, a second derivative through the layer would
+    silently miss every term that passes through it. ``torch.autograd.function.once_differentiable``
+    links its error to detached copies, which ``torch.autograd.grad(..., inputs)`` prunes
+    away (it returns None); here the error node's edges lead to what the gradients
+    depend on (dy, x, lora_A, lora_B), so any second derivative that would pass through
+    the layer reaches it and raises. The csrc node does the same.
+    """
+    present = [g for g in grads if g is not None]
+    edges = [_element(a) for a in anchors if a is not None and a.requires_grad and a.numel()]
+    if not present or not edges:
+        return grads  # nothing they depend on needs a gradient: no second derivative exists
+    err_fn = torch._C._functions.DelayedError(ONCE_DIFFERENTIABLE.encode(), len(present) + len(edges))
+    wrapped = iter(err_fn(*[g.detach() for g in present], *edges))
+    return tuple(None if g is None else next(wrapped) for g in grads)
+
+
 def _no_autocast(device: torch.device):
     # NOTE: the caller already cast the inputs as F.linear would; the backends' own torch
     # ops (the torch backend's mm, the hybrid's addmm_) must not be cast again.
@@ -115,15 +147,22 @@ class FusedLoRAFunction(torch.autograd.Function):
             dA = torch.zeros_like(lora_A) if needs_dA else None
             dB = torch.zeros_like(lora_B) if needs_dB else None
             return dx, None, None, dA, dB, None, None, None, None
+        create_graph = False
         if torch.compiler.is_compiling():
             empty_bits = dy2d.new_empty((0,), dtype=torch.uint8)
             dx, dA, dB = custom_ops.lora_backward(
                 dy2d, x2d, weight, lora_A, lora_B, xa, ctx.scaling, _seed_tensor(seed), ctx.dropout_p,
                 bits if bits is not None else empty_bits, needs_dx, needs_dA, needs_dB, ctx.backend)
         else:
-            with _no_autocast(dy2d.device):
+            create_graph = torch.is_grad_enabled()
+            with _no_autocast(dy2d.device), (torch.no_grad() if create_graph else contextlib.nullcontext()):
                 dx, dA, dB = backend_ops(ctx.backend).lora_backward(
                     dy2d, x2d, weight, lora_A, lora_B, xa, ctx.scaling, seed, ctx.dropout_p, bits,
                     needs_dx, needs_dA, needs_dB)
         dx = (dx if len(ctx.x_shape) == 2 else dx.view(ctx.x_shape)) if needs_dx else None
-        return dx, None, None, (dA if needs_dA else None), (dB if needs_dB else None), None, None, None, None
+        dA, dB = (dA if needs_dA else None), (dB if needs_dB else None)
+        if create_graph:
+            if x2d is None and needs_dB and needs_dx:
+                raise RuntimeError(f"{ONCE_DIFFERENTIABLE}; {UNSAVED_X}")
+            dx, dA, dB = _once_differentiable((dx, dA, dB), (dy, x2d, lora_A, lora_B))
+        return dx, None, None, dA, dB, None, None, None, None

@@ -6,6 +6,7 @@ import torch.utils.checkpoint
 
 import fused_lora
 from fused_lora import dropout_mask, fused_lora_linear, lora_linear_reference
+from fused_lora.backends import backend_name_for
 from fused_lora.saved_tensors import saved_tensor_bytes
 
 from conftest import OUTPUT_NAMES, make_inputs, run_forward_backward
@@ -255,3 +256,51 @@ def test_empty_batch(device_backend):
     assert y.shape == (0, 6)
     y.sum().backward()
     assert x.grad.shape == (0, 8) and torch.equal(A.grad, torch.zeros_like(A))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("road", ["fused_lora_linear", "FusedLoRAFunction"])
+def test_second_derivatives_raise_instead_of_missing_terms(device_backend, road, p):
+    """create_graph=True: first derivatives as usual; differentiating them again raises.
+
+    The kernels build no graph, so a second derivative through the layer would silently
+    miss every term that passes through it. The C++ node (cpu backend, fused_lora_linear)
+    and the Python Function both give their gradients a grad_fn that raises instead.
+    """
+    device, backend = device_backend
+    x, weight, b, lora_A, lora_B = make_inputs(9, 12, 10, 3, torch.float64, device, batch_shape=(3, 3))
+    for t in (x, lora_A, lora_B):
+        t.requires_grad_(True)
+
+    def forward():
+        if road == "FusedLoRAFunction":
+            name = backend_name_for(x.device, backend)
+            return fused_lora.FusedLoRAFunction.apply(x, weight, b, lora_A, lora_B, 0.5, p, 7 if p else None, name)
+        return fused_lora_linear(x, weight, b, lora_A, lora_B, 0.5, p, seed=7, backend=backend)
+
+    y = forward()
+    loss = (y * y).sum()  # dy depends on y: a graph a second derivative could follow
+    first = torch.autograd.grad(loss, (x, lora_A, lora_B))
+    y = forward()
+    grads = torch.autograd.grad((y * y).sum(), (x, lora_A, lora_B), create_graph=True)
+    for name, g, f in zip(("dx", "dA", "dB"), grads, first):
+        assert torch.equal(g.detach(), f), name
+        assert g.requires_grad, name
+    for target in (lora_A, lora_B, x):
+        with pytest.raises(RuntimeError, match="first derivatives only"):
+            torch.autograd.grad(sum(g.square().sum() for g in grads), target, retain_graph=True)
+
+
+def test_second_derivatives_with_lora_A_frozen_raise_at_once(device_backend):
+    """lora_A frozen: x is not saved, so d(dB)/dx could not be linked; create_graph=True raises in backward."""
+    device, backend = device_backend
+    x, weight, b, lora_A, lora_B = make_inputs(8, 12, 10, 3, torch.float64, device)
+    x.requires_grad_(True)
+    lora_B.requires_grad_(True)
+    y = fused_lora_linear(x, weight, b, lora_A, lora_B, 0.5, 0.3, seed=7, backend=backend)
+    with pytest.raises(RuntimeError, match="lora_A frozen, x is not saved"):
+        torch.autograd.grad(y.sum(), (x, lora_B), create_graph=True)
+    # Without create_graph the same call is an ordinary backward.
+    y = fused_lora_linear(x, weight, b, lora_A, lora_B, 0.5, 0.3, seed=7, backend=backend)
+    dx, dB = torch.autograd.grad(y.sum(), (x, lora_B))
+    assert dx.shape == x.shape and dB.shape == lora_B.shape

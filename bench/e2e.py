@@ -128,7 +128,7 @@ def _backends_used(model, tokens, r, p) -> str:
 
 
 def format_rows(rows) -> str:
-    lines = [f"{'end-to-end fwd+bwd':<44} {'provider':<22} {'tokens/s':>10} {'p20-p80':>17} {'memory MB':>10}"]
+    lines = [f"{'end-to-end fwd+bwd':<44} {'provider':<22} {'tokens/s':>10} {'p20-p80':>17} {'memory MiB':>10}"]
     for row in rows:
         name = row["provider"] + (f"[{row['backend']}]" if row.get("backend") else "")
         lines.append(f"{row['model'] + ' r=' + str(row['r']) + ' p=' + str(row['p']):<44} {name:<22} "

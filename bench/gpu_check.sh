@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check: what to run on a machine with an NVIDIA GPU (sm_90 for the TMA kernels) to
 # see that fused_lora is correct there and how fast it is. It needs python3 with torch, triton,
-# peft, transformers, pytest (and pytest-xdist), matplotlib; no network. The package is used
+# peft, transformers, pytest (and pytest-xdist, pytest-timeout), matplotlib; no network. The package is used
 # from this tree, without pip and without the C++ extension (FUSED_LORA_SKIP_EXT=1).
 #
-#   bash bench/gpu_check.sh                        # everything (about 8 minutes on an H200)
+#   bash bench/gpu_check.sh                        # everything (not yet run on a GPU; step caps 16 min in all)
 #   GPU_CHECK_STAGE=check bash bench/gpu_check.sh  # tests, kernels, latency, headline sweep
 #   GPU_CHECK_STAGE=sweep bash bench/gpu_check.sh  # the full sweep and the end-to-end row
 #   GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh    # on a CPU machine: same plumbing, tiny work

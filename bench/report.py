@@ -115,7 +115,7 @@ def format_table(rows) -> str:
         key = (row["K"], row["N"], row["T"], row["r"], row["p"], row["dtype"], row["provider"])
         by_key.setdefault(key, {})[row["mode"]] = row
     header = (f"{'case':<30} {'provider':<22} " + " ".join(f"{m + ' ms':>11} {'x lin':>6}" for m in MODES)
-              + f" {'TFLOP/s':>8} {'saved MB':>9}")
+              + f" {'TFLOP/s':>8} {'saved MiB':>9}")
     lines = [header, "-" * len(header)]
     last_case = None
     for key, modes in by_key.items():

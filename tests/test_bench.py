@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from bench import cli, e2e, plot
+from bench import cli, e2e, plot, report
 from bench.providers import Weights, build, trainable_parameters
 from fused_lora import lora_linear_reference
 
@@ -125,6 +125,21 @@ def test_noisy_rows_are_named():
     assert cli.noisy_rows(rows) == [
         "16x8 T=4 r=2 p=0.0 fused_lora fwd: p20-p80 spread 25% of the median",
         "16x8 T=4 r=2 p=0.0 peft bwd: 0.73x the frozen linear, below the limit"]
+
+
+def test_printed_memory_columns_are_in_mib():
+    """The printed tables divide bytes by 2**20, so their headers say MiB (they said MB)."""
+    saved = 3 * 2 ** 20
+    rows = [dict(_row("fused_lora", mode, 1.0, 1.0, 1.0, 1.0), dtype="fp32", backend="cpu:fused", tflops=0.1,
+                 saved_bytes=saved) for mode in ("fwd", "bwd", "fwd+bwd")]
+    header, _, line = report.format_table(rows).splitlines()
+    assert header.split()[-2:] == ["saved", "MiB"]
+    assert line.split()[-1] == "3.0"
+    e2e_row = dict(model="Llama", r=16, p=0.1, provider="peft", backend="", tokens_per_s=1.0, tokens_per_s_p20=1.0,
+                   tokens_per_s_p80=1.0, memory_bytes=saved, memory_kind="saved_bytes")
+    header, line = e2e.format_rows([e2e_row]).splitlines()
+    assert header.split()[-2:] == ["memory", "MiB"]
+    assert line.split()[-2:] == ["3.0", "(saved_bytes)"]
 
 
 def _write_csv(path, rows):

@@ -98,7 +98,7 @@ setup(
     package_data={"fused_lora": ["configs/*.json"]},
     python_requires=">=3.9",
     install_requires=[f"torch>={MIN_TORCH}", "numpy"],
-    extras_require={"triton": ["triton>=3.6"], "test": ["pytest", "peft", "transformers"],
+    extras_require={"triton": ["triton>=3.6"], "test": ["pytest", "hypothesis", "peft", "transformers"],
                     "calculator": ["transformers"]},
     entry_points={"console_scripts": ["fused-lora-memory=fused_lora.memory:main"]},
     **extension_kwargs(),

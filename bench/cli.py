@@ -25,7 +25,7 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 SCRATCH_DIR = os.path.join(RESULTS_DIR, "scratch")  # in .gitignore
 NOISE_LIMIT = 0.10  # warn when a row's p20-p80 spread exceeds this fraction of its median
 
-# (K, N, T) defaults. CPU: scaled down to finish in about 5 minutes on 2 cores.
+# (K, N, T) defaults. CPU: scaled down to finish within 5 minutes on 2 cores.
 CPU_CASES = [(1024, 1024, 1024), (1024, 1024, 4096), (2048, 2048, 1024), (2048, 2048, 4096), (2048, 5632, 1024)]
 CPU_QUICK_CASES = [(1024, 1024, 1024)]
 GPU_SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # Llama-3-8B projections

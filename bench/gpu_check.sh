@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: what to run on a machine with an NVIDIA GPU (sm_90 for the TMA kernels) to
 # see that fused_lora is correct there and how fast it is. It needs python3 with torch, triton,
-# peft, transformers, pytest (and pytest-xdist, pytest-timeout), matplotlib; no network. The package is used
+# peft, transformers, pytest (pytest-xdist and pytest-timeout used where present), matplotlib; no network. The package is used
 # from this tree, without pip and without the C++ extension (FUSED_LORA_SKIP_EXT=1).
 #
 #   bash bench/gpu_check.sh                        # everything (not yet run on a GPU; step caps 16 min in all)
@@ -76,7 +76,11 @@ else
     full=(--shapes 4096x4096,4096x1024,4096x14336,14336x4096 --tokens 2048,8192 --ranks 16,64 --dropout 0,0.1
           --providers linear,fused_lora,peft,peft_bf16 --no-e2e)
     e2e=(--e2e-only)
-    tests=(-n 8 --timeout 150 tests -k "cuda or triton or 64_bit")
+    tests=(tests -k "cuda or triton or 64_bit")
+    # The H200 image has pytest-xdist; pytest-timeout may be missing there, and pytest
+    # refuses an option of a plugin it does not have: use each only where it imports.
+    "$py" -c "import xdist" 2>/dev/null && tests=(-n 8 "${tests[@]}")
+    "$py" -c "import pytest_timeout" 2>/dev/null && tests=(--timeout 150 "${tests[@]}")
     parts=6
 fi
 

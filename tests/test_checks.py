@@ -240,3 +240,19 @@ def test_function_apply_validates_the_seed_on_every_backend(device_backend, seed
     args = {k: v.to(device) for k, v in good().items() if k != "scaling"}
     with pytest.raises(error, match="seed"):
         fused_lora.FusedLoRAFunction.apply(*args.values(), 1.0, 0.1, seed, backend)
+
+
+@pytest.mark.parametrize("dropout_p,seed,backend,error,argument", [
+    (0.1, None, None, ValueError, "seed"),          # once a raw TypeError / pybind11 cast error
+    (1.5, 3, None, ValueError, "dropout_p"),        # once computed silently (torch, triton)
+    (math.nan, 3, None, ValueError, "dropout_p"),   # once read as "no dropout"
+    ("0.1", 3, None, TypeError, "dropout_p"),
+    (0.0, None, "nope", ValueError, "backend"),     # once a raw KeyError
+    (0.0, None, "missing", ValueError, "backend"),
+])
+def test_function_apply_validates_dropout_seed_and_backend(device_backend, dropout_p, seed, backend, error, argument):
+    device, name = device_backend
+    backend = name if backend is None else None if backend == "missing" else backend
+    args = {k: v.to(device) for k, v in good().items() if k != "scaling"}
+    with pytest.raises(error, match=argument):
+        fused_lora.FusedLoRAFunction.apply(*args.values(), 1.0, dropout_p, seed, backend)

@@ -15,14 +15,13 @@ So ``peft.PeftModel.from_pretrained(model, directory)`` loads what we save, and
 from __future__ import annotations
 
 import json
-import math
 import numbers
 import os
 
 import torch
 import torch.nn as nn
 
-from .checks import SUPPORTED_DTYPES
+from .checks import SUPPORTED_DTYPES, is_finite_real
 from .layer import FusedLoRALinear, lora_scaling
 from .peft_interop import lora_layers, matches_target, replace_linears, targeted_linears
 
@@ -190,7 +189,7 @@ def read_adapter_config(directory) -> dict:
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise _config_error(path, "r", "an int >= 1", r)
     lora_alpha = config["lora_alpha"]
-    if not _real(lora_alpha) or not math.isfinite(lora_alpha):
+    if not is_finite_real(lora_alpha):
         raise _config_error(path, "lora_alpha", "a finite number", lora_alpha)
     lora_dropout = config.get("lora_dropout", 0.0)
     if lora_dropout is None:

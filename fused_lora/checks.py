@@ -77,13 +77,28 @@ def check_scaling(scaling) -> float:
         scaling = scaling.item()
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"scaling: expected a finite real number, got {type(scaling).__name__}")
-    scaling = float(scaling)
+    try:
+        scaling = float(scaling)
+    except OverflowError:  # an int beyond the float range
+        raise ValueError(f"scaling: expected a value in [-{MAX_SCALING:.9g}, {MAX_SCALING:.9g}], got an "
+                         f"integer too large for a float") from None
     if not math.isfinite(scaling):
         raise ValueError(f"scaling: expected a finite real number, got {scaling}")
     if abs(scaling) > MAX_SCALING:
         raise ValueError(f"scaling: expected a value in [-{MAX_SCALING:.9g}, {MAX_SCALING:.9g}] (the "
                          f"float32 range, in which the backends apply it), got {scaling:.9g}")
     return scaling
+
+
+def is_finite_real(value) -> bool:
+    """A real number (not a bool) that is finite as a Python float: not NaN, not Inf, and not
+    an int too large to convert (``float(10**400)`` raises OverflowError)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def check_rank(r) -> int:

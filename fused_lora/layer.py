@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import check_dropout_p, check_rank, check_scaling
+from .checks import check_dropout_p, check_rank, check_scaling, is_finite_real
 from .functional import fused_lora_linear
 
 
@@ -21,8 +21,7 @@ def _check_features(name: str, value) -> int:
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     """lora_alpha / r (lora_alpha / sqrt(r) with rsLoRA), checked to be a valid ``scaling``."""
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) \
-            or not math.isfinite(float(lora_alpha)):
+    if not is_finite_real(lora_alpha):
         raise ValueError(f"lora_alpha: expected a finite real number, got {lora_alpha!r}")
     scaling = float(lora_alpha) / (math.sqrt(r) if use_rslora else r)
     try:

@@ -236,6 +236,8 @@ BROKEN = [
      r"adapter_config.json: field 'lora_alpha': expected a finite number"),
     ("lora_alpha huge", lambda d: _write_config(d, lora_alpha=1e300),
      r"adapter_config.json: fields 'lora_alpha' and 'r'.*scaling"),
+    ("lora_alpha int beyond float", lambda d: _write_config(d, lora_alpha=10 ** 400),  # once an OverflowError
+     r"adapter_config.json: field 'lora_alpha': expected a finite number"),
     ("use_rslora string", lambda d: _write_config(d, use_rslora="yes"), r"adapter_config.json: field 'use_rslora'"),
     ("target_modules number", lambda d: _write_config(d, target_modules=3),
      r"adapter_config.json: field 'target_modules'"),

@@ -39,6 +39,7 @@ CASES = [
     ("scaling", ValueError, good(scaling=math.inf)),
     ("scaling", ValueError, good(scaling=math.nan)),
     ("scaling", TypeError, good(scaling="2")),
+    ("scaling", ValueError, good(scaling=-10 ** 400)),  # an int beyond float: once an OverflowError
 ]
 
 
@@ -100,6 +101,7 @@ def test_triton_rank_limit():
 @pytest.mark.parametrize("kwargs,argument", [
     (dict(r=0), "r"), (dict(r=2.5), "r"), (dict(lora_dropout=1.0), "lora_dropout"),
     (dict(lora_alpha=math.inf), "lora_alpha"), (dict(in_features=0), "in_features"),
+    (dict(lora_alpha=10 ** 400), "lora_alpha"),
 ])
 def test_bad_module_arguments(kwargs, argument):
     args = dict(in_features=8, out_features=4)

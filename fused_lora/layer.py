@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import check_dropout_p, check_rank, check_scaling, is_finite_real
+from .checks import SUPPORTED_DTYPES, check_dropout_p, check_rank, check_scaling, is_finite_real
 from .functional import fused_lora_linear
 
 
@@ -49,6 +49,9 @@ class FusedLoRALinear(nn.Module):
                  lora_dropout: float = 0.0, bias: bool = True, use_rslora: bool = False,
                  device=None, dtype=None):
         super().__init__()
+        if dtype is not None and dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"dtype: expected None, torch.float16, torch.bfloat16, torch.float32 or torch.float64, "
+                            f"got {dtype!r}")
         factory = {"device": device, "dtype": dtype}
         self.in_features = _check_features("in_features", in_features)
         self.out_features = _check_features("out_features", out_features)

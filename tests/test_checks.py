@@ -102,6 +102,7 @@ def test_triton_rank_limit():
     (dict(r=0), "r"), (dict(r=2.5), "r"), (dict(lora_dropout=1.0), "lora_dropout"),
     (dict(lora_alpha=math.inf), "lora_alpha"), (dict(in_features=0), "in_features"),
     (dict(lora_alpha=10 ** 400), "lora_alpha"),
+    (dict(dtype=torch.int32), "dtype"), (dict(dtype="float32"), "dtype"),  # once torch's raw errors
 ])
 def test_bad_module_arguments(kwargs, argument):
     args = dict(in_features=8, out_features=4)

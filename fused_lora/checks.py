@@ -21,6 +21,12 @@ MAX_SEED = 2 ** 63
 MAX_SCALING = torch.finfo(torch.float32).max
 
 
+def type_name(value) -> str:
+    """``type(value).__name__``, qualified by its module outside builtins (``numpy.bool``, not ``bool``)."""
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
 def _require_tensor(name: str, value) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")

@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from .backends import backend_name_for, backend_ops
-from .checks import MAX_SCALING, check_dropout_p, check_lora_inputs, check_scaling
+from .checks import MAX_SCALING, check_dropout_p, check_lora_inputs, check_scaling, type_name
 from .dropout import draw_seed
 from .function import FusedLoRAFunction, seed_argument
 
@@ -54,7 +54,7 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if type(dropout_p) is not float or not 0.0 <= dropout_p < 1.0:
         dropout_p = check_dropout_p(dropout_p)
     if training is not True and training is not False:
-        raise TypeError(f"training: expected a bool, got {type(training).__name__}")
+        raise TypeError(f"training: expected a bool, got {type_name(training)}")
     if seed is not None:
         seed = seed_argument(seed)
     name = _backend_name(device, backend)

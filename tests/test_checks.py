@@ -259,3 +259,12 @@ def test_function_apply_validates_dropout_seed_and_backend(device_backend, dropo
     args = {k: v.to(device) for k, v in good().items() if k != "scaling"}
     with pytest.raises(error, match=argument):
         fused_lora.FusedLoRAFunction.apply(*args.values(), 1.0, dropout_p, seed, backend)
+
+
+def test_a_bool_lookalike_is_named_by_its_full_type():
+    # numpy.bool_'s __name__ is "bool": the message once read "expected a bool, got bool".
+    np = pytest.importorskip("numpy")
+    with pytest.raises(TypeError, match=r"training: expected a bool, got numpy\.bool"):
+        fused_lora_linear(*good().values(), training=np.bool_(True))
+    with pytest.raises(TypeError, match=r"use_rslora: expected a bool, got numpy\.bool"):
+        fused_lora.apply_lora(torch.nn.Sequential(torch.nn.Linear(8, 8)), ["0"], use_rslora=np.bool_(True))

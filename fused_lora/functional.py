@@ -77,7 +77,14 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         y = _cpu_layer(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
         if y is not None:
             return y
-    return FusedLoRAFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, name)
+    if x.dim() == 2:
+        return FusedLoRAFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, name)
+    # NOTE: (..., K) -> (T, K) and back out here, not inside the Function: autograd forbids
+    # modifying in place (y += residual, ReLU(inplace=True)) a view created inside a custom Function.
+    out_features, in_features = weight.shape
+    y2d = FusedLoRAFunction.apply(x.reshape(-1, in_features), weight, bias, lora_A, lora_B, scaling, dropout_p,
+                                  seed, name)
+    return y2d.view(*x.shape[:-1], out_features)
 
 
 def _cpu_layer(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):

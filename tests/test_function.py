@@ -155,6 +155,39 @@ def test_non_contiguous_weight_bias_and_adapters(device_backend, p):
             assert_close_scaled(f"{kind} {name}", a, e, lora_reductions(T, K, N, r)[name])
 
 
+@pytest.mark.parametrize("batch_shape", [(2, 3), (2, 1, 3), ()], ids=["3d", "4d", "1d"])
+def test_output_of_any_rank_can_be_modified_in_place(device_backend, batch_shape):
+    # As nn.Linear's: `y += residual` or ReLU(inplace=True) on the output. The torch and triton
+    # backends once returned a view made inside the autograd Function for x of rank != 2, which
+    # autograd refuses to modify in place ("Output 0 of FusedLoRAFunction is a view ...").
+    device, backend = device_backend
+    K, N, r = 10, 8, 3
+    _, weight, b, lora_A, lora_B = make_inputs(4, K, N, r, torch.float32, device)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(*batch_shape, K, generator=gen).to(device)
+    residual = torch.randn(*batch_shape, N, generator=gen).to(device)
+    dy = torch.randn(*batch_shape, N, generator=gen).to(device)
+
+    def in_place(linear):
+        def fn(x_, a_, b_):
+            y = linear(x_, a_, b_)
+            y += residual
+            return torch.relu_(y)
+        return fn
+
+    actual = run_forward_backward(
+        in_place(lambda x_, a_, b_: fused_lora_linear(x_, weight, b, a_, b_, 2.0, 0.2, seed=3, backend=backend)),
+        x, lora_A, lora_B, dy)
+    mask = dropout_mask(3, x.numel() // K, K, 0.2)
+    expected = run_forward_backward(
+        in_place(lambda x_, a_, b_: lora_linear_reference(x_, weight, b, a_, b_, 2.0, keep_mask=mask, dropout_p=0.2)),
+        x, lora_A, lora_B, dy)
+    rows = x.numel() // K
+    for name, a, e in zip(OUTPUT_NAMES, actual, expected):
+        assert a.shape == e.shape, name
+        assert_close_scaled(name, a, e, lora_reductions(rows, K, N, r)[name])
+
+
 @pytest.mark.parametrize("K", [8, 5])
 def test_gradcheck_float64_with_dropout(device_backend, K):
     device, backend = device_backend

@@ -58,7 +58,8 @@ class FusedLoRALinear(nn.Module):
         self.r = check_rank(r)
         self.lora_dropout = lora_dropout
         self.scaling = lora_scaling(self.r, lora_alpha, use_rslora)
-        self.lora_alpha = lora_alpha
+        # NOTE: a plain Python number (a numpy or other Real stays exact): save_adapter writes it to JSON.
+        self.lora_alpha = int(lora_alpha) if isinstance(lora_alpha, numbers.Integral) else float(lora_alpha)
         self.use_rslora = bool(use_rslora)
         self.merged = False
         self.backend: str | None = None

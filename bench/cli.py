@@ -86,7 +86,7 @@ def _check_args(parser, args) -> None:
 
     if args.shapes is not None:
         for shape in args.shapes.split(","):
-            parts = shape.split("x")
+            parts = [p.strip() for p in shape.split("x")]
             if len(parts) != 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
                 parser.error(f"--shapes: expected comma-separated KxN with K, N >= 1 (e.g. 4096x4096), got {shape!r}")
     for option, text in (("--tokens", args.tokens), ("--ranks", args.ranks)):
@@ -111,7 +111,7 @@ def _check_args(parser, args) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device: cuda is not available here (use auto or cpu)")
     if args.warm_part is not None:
-        parts = args.warm_part.split("/")
+        parts = [p.strip() for p in args.warm_part.split("/")]
         if len(parts) != 2 or not all(p.isdigit() for p in parts) or not int(parts[0]) < int(parts[1]):
             parser.error(f"--warm-part: expected i/n with 0 <= i < n (e.g. 0/4), got {args.warm_part!r}")
     if args.name is not None and (not args.name or os.sep in args.name or (os.altsep and os.altsep in args.name)

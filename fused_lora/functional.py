@@ -57,6 +57,9 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         raise TypeError(f"training: expected a bool, got {type_name(training)}")
     if seed is not None:
         seed = seed_argument(seed)
+        if isinstance(seed, torch.Tensor) and seed.device.type not in ("cpu", device.type):
+            raise ValueError(f"seed: expected a 0-d int64 tensor on the CPU or on x's device ({device}), "
+                             f"got one on {seed.device}")
     name = _backend_name(device, backend)
     if name == "triton":
         if lora_A.shape[0] > TRITON_MAX_RANK:

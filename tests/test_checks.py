@@ -268,3 +268,12 @@ def test_a_bool_lookalike_is_named_by_its_full_type():
         fused_lora_linear(*good().values(), training=np.bool_(True))
     with pytest.raises(TypeError, match=r"use_rslora: expected a bool, got numpy\.bool"):
         fused_lora.apply_lora(torch.nn.Sequential(torch.nn.Linear(8, 8)), ["0"], use_rslora=np.bool_(True))
+
+
+def test_seed_tensor_on_a_foreign_device_names_the_seed(device_backend):
+    # Once a raw error of each backend ("Cannot copy out of meta tensor", "Tensor.item() cannot be
+    # called on meta tensors", a C++ check).
+    device, backend = device_backend
+    args = {k: v.to(device) for k, v in good().items() if k != "scaling"}
+    with pytest.raises(ValueError, match="seed"):
+        fused_lora_linear(*args.values(), 1.0, 0.1, seed=torch.tensor(3, device="meta"), backend=backend)

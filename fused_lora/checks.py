@@ -169,6 +169,14 @@ def _valid_fast(x, weight, bias, lora_A, lora_B) -> bool:
     return bias is None or (bias.shape == (out_features,) and bias.dtype == dtype and bias.device == device)
 
 
+def check_strided(x, weight, bias, lora_A, lora_B) -> None:
+    """A TypeError naming the first tensor that is not dense (sparse, MKL-DNN, ...): the backends read
+    strided memory. Not on the fast path: called once a backend has failed."""
+    for name, value in (("x", x), ("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if isinstance(value, torch.Tensor) and value.layout != torch.strided:
+            raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {value.layout}")
+
+
 def check_lora_inputs(x, weight, bias, lora_A, lora_B) -> None:
     """Shapes, dtypes and devices of the tensors of one LoRA linear call."""
     if _valid_fast(x, weight, bias, lora_A, lora_B):

@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from .backends import backend_name_for, backend_ops
-from .checks import MAX_SCALING, check_dropout_p, check_lora_inputs, check_scaling, type_name
+from .checks import MAX_SCALING, check_dropout_p, check_lora_inputs, check_scaling, check_strided, type_name
 from .dropout import draw_seed
 from .function import FusedLoRAFunction, seed_argument
 
@@ -76,18 +76,24 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         dropout_p, seed = 0.0, None
     elif seed is None:
         seed = draw_seed(device)
-    if name == "cpu" and not autocast and not torch.compiler.is_compiling():
-        y = _cpu_layer(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        if y is not None:
-            return y
-    if x.dim() == 2:
-        return FusedLoRAFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, name)
-    # NOTE: (..., K) -> (T, K) and back out here, not inside the Function: autograd forbids
-    # modifying in place (y += residual, ReLU(inplace=True)) a view created inside a custom Function.
-    out_features, in_features = weight.shape
-    y2d = FusedLoRAFunction.apply(x.reshape(-1, in_features), weight, bias, lora_A, lora_B, scaling, dropout_p,
-                                  seed, name)
-    return y2d.view(*x.shape[:-1], out_features)
+    # NOTE: the layouts are checked only once a backend failed (a try costs nothing until it raises):
+    # a sparse or MKL-DNN tensor then gets a TypeError naming it instead of the backend's own error.
+    try:
+        if name == "cpu" and not autocast and not torch.compiler.is_compiling():
+            y = _cpu_layer(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+            if y is not None:
+                return y
+        if x.dim() == 2:
+            return FusedLoRAFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, name)
+        # NOTE: (..., K) -> (T, K) and back out here, not inside the Function: autograd forbids
+        # modifying in place (y += residual, ReLU(inplace=True)) a view created inside a custom Function.
+        out_features, in_features = weight.shape
+        y2d = FusedLoRAFunction.apply(x.reshape(-1, in_features), weight, bias, lora_A, lora_B, scaling, dropout_p,
+                                      seed, name)
+        return y2d.view(*x.shape[:-1], out_features)
+    except (RuntimeError, NotImplementedError):
+        check_strided(x, weight, bias, lora_A, lora_B)
+        raise
 
 
 def _cpu_layer(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):

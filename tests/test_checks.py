@@ -277,3 +277,17 @@ def test_seed_tensor_on_a_foreign_device_names_the_seed(device_backend):
     args = {k: v.to(device) for k, v in good().items() if k != "scaling"}
     with pytest.raises(ValueError, match="seed"):
         fused_lora_linear(*args.values(), 1.0, 0.1, seed=torch.tensor(3, device="meta"), backend=backend)
+
+
+@pytest.mark.parametrize("argument,layout", [("weight", "sparse"), ("bias", "sparse"), ("x", "mkldnn")])
+def test_non_dense_tensors_name_the_tensor_on_every_backend(device_backend, argument, layout):
+    # Once each backend's own error ("Cannot access data pointer of Tensor that doesn't have storage",
+    # "addmm_sparse_dense: ...", a C++ RuntimeError). The torch backend computes a sparse x or
+    # lora_A correctly, so those stay accepted there.
+    device, backend = device_backend
+    if device.type != "cpu" or (layout == "mkldnn" and not torch.backends.mkldnn.is_available()):
+        pytest.skip("CPU layouts")
+    args = good()
+    args[argument] = args[argument].to_sparse() if layout == "sparse" else args[argument].to_mkldnn()
+    with pytest.raises(TypeError, match=rf"{argument}: expected a dense \(strided\) tensor"):
+        fused_lora_linear(*args.values(), backend=backend)

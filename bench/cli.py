@@ -66,11 +66,57 @@ def parse_args(argv=None):
                                           f"or {os.path.relpath(RESULTS_DIR)}/ with --publish)")
     parser.add_argument("--name", help="file stem (default <device>-<date>, with -quick for --quick)")
     args = parser.parse_args(argv)
+    _check_args(parser, args)
     if args.out_dir is None:
         args.out_dir = RESULTS_DIR if args.publish else (os.environ.get("OUT") or SCRATCH_DIR)
     elif args.publish:
         parser.error("--publish: writes to bench/results/; leave out --out-dir")
     return args
+
+
+def _check_args(parser, args) -> None:
+    """parser.error (exit 2, with the usage) for a value the sweep cannot run, instead of a traceback later."""
+    def ints(option, text, low=1):
+        try:
+            values = _ints(text)
+        except ValueError:
+            values = None
+        if not values or any(v < low for v in values):
+            parser.error(f"{option}: expected comma-separated ints >= {low}, got {text!r}")
+
+    if args.shapes is not None:
+        for shape in args.shapes.split(","):
+            parts = [p.strip() for p in shape.split("x")]
+            if len(parts) != 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+                parser.error(f"--shapes: expected comma-separated KxN with K, N >= 1 (e.g. 4096x4096), got {shape!r}")
+    for option, text in (("--tokens", args.tokens), ("--ranks", args.ranks)):
+        if text is not None:
+            ints(option, text)
+    if args.dropout is not None:
+        try:
+            values = _floats(args.dropout)
+        except ValueError:
+            values = None
+        if not values or not all(0.0 <= p < 1.0 for p in values):
+            parser.error(f"--dropout: expected comma-separated probabilities in [0, 1), got {args.dropout!r}")
+    for option, value in (("--repeats", args.repeats), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            parser.error(f"{option}: expected an int >= 1, got {value}")
+    try:
+        device = torch.device("cpu" if args.device == "auto" else args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        parser.error(f"--device: expected auto, cpu or cuda, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device: cuda is not available here (use auto or cpu)")
+    if args.warm_part is not None:
+        parts = [p.strip() for p in args.warm_part.split("/")]
+        if len(parts) != 2 or not all(p.isdigit() for p in parts) or not int(parts[0]) < int(parts[1]):
+            parser.error(f"--warm-part: expected i/n with 0 <= i < n (e.g. 0/4), got {args.warm_part!r}")
+    if args.name is not None and (not args.name or os.sep in args.name or (os.altsep and os.altsep in args.name)
+                                  or args.name in (".", "..")):
+        parser.error(f"--name: expected a file stem without a path (use --out-dir for the folder), got {args.name!r}")
 
 
 def noisy_rows(rows, limit: float = NOISE_LIMIT) -> list[str]:

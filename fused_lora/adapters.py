@@ -15,14 +15,13 @@ So ``peft.PeftModel.from_pretrained(model, directory)`` loads what we save, and
 from __future__ import annotations
 
 import json
-import math
 import numbers
 import os
 
 import torch
 import torch.nn as nn
 
-from .checks import SUPPORTED_DTYPES
+from .checks import SUPPORTED_DTYPES, is_finite_real
 from .layer import FusedLoRALinear, lora_scaling
 from .peft_interop import lora_layers, matches_target, replace_linears, targeted_linears
 
@@ -99,10 +98,12 @@ def save_adapter(model: nn.Module, directory, *, task_type: str | None = None) -
     for name, layer in layers:
         if layer.merged:
             raise ValueError(f"model: layer {name!r} is merged; unmerge() it before saving the adapter")
-    r = _shared_value(layers, "r")
+    # NOTE: plain Python values for JSON (a numpy scalar, e.g. a PEFT lora_alpha, is not serialisable).
+    r = int(_shared_value(layers, "r"))
     lora_alpha = _shared_value(layers, "lora_alpha")
-    lora_dropout = _shared_value(layers, "lora_dropout")
-    use_rslora = _shared_value(layers, "use_rslora")
+    lora_alpha = int(lora_alpha) if isinstance(lora_alpha, numbers.Integral) else float(lora_alpha)
+    lora_dropout = float(_shared_value(layers, "lora_dropout"))
+    use_rslora = bool(_shared_value(layers, "use_rslora"))
     for name, layer in layers:
         if layer.scaling != lora_scaling(r, lora_alpha, use_rslora):
             raise ValueError(f"model: layer {name!r} has scaling {layer.scaling}, not lora_alpha / "
@@ -137,11 +138,12 @@ def save_adapter(model: nn.Module, directory, *, task_type: str | None = None) -
         "rank_pattern": {},
         "alpha_pattern": {},
     }
+    # NOTE: the JSON text first: an error there must not leave a half-written directory.
+    config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as handle:
-        json.dump(config, handle, indent=2, sort_keys=True)
-        handle.write("\n")
+        handle.write(config_text)
 
 
 def _config_error(path: str, field: str, expected: str, value) -> ValueError:
@@ -190,7 +192,7 @@ def read_adapter_config(directory) -> dict:
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise _config_error(path, "r", "an int >= 1", r)
     lora_alpha = config["lora_alpha"]
-    if not _real(lora_alpha) or not math.isfinite(lora_alpha):
+    if not is_finite_real(lora_alpha):
         raise _config_error(path, "lora_alpha", "a finite number", lora_alpha)
     lora_dropout = config.get("lora_dropout", 0.0)
     if lora_dropout is None:

@@ -151,6 +151,9 @@ def backend_ops(name: str) -> ModuleType:
     """The module implementing a backend's operations (imported on first use)."""
     ops = _OPS.get(name)
     if ops is None:
-        module = {"triton": "triton_ops", "cpu": "cpu_ops", "torch": "torch_ops"}[name]
+        module = {"triton": "triton_ops", "cpu": "cpu_ops", "torch": "torch_ops"}.get(name) \
+            if isinstance(name, str) else None
+        if module is None:
+            raise ValueError(f"backend: expected one of {BACKEND_NAMES}, got {name!r}")
         ops = _OPS[name] = importlib.import_module(f"{__package__}.{module}")
     return ops

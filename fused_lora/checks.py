@@ -21,6 +21,12 @@ MAX_SEED = 2 ** 63
 MAX_SCALING = torch.finfo(torch.float32).max
 
 
+def type_name(value) -> str:
+    """``type(value).__name__``, qualified by its module outside builtins (``numpy.bool``, not ``bool``)."""
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
 def _require_tensor(name: str, value) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
@@ -77,13 +83,28 @@ def check_scaling(scaling) -> float:
         scaling = scaling.item()
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"scaling: expected a finite real number, got {type(scaling).__name__}")
-    scaling = float(scaling)
+    try:
+        scaling = float(scaling)
+    except OverflowError:  # an int beyond the float range
+        raise ValueError(f"scaling: expected a value in [-{MAX_SCALING:.9g}, {MAX_SCALING:.9g}], got an "
+                         f"integer too large for a float") from None
     if not math.isfinite(scaling):
         raise ValueError(f"scaling: expected a finite real number, got {scaling}")
     if abs(scaling) > MAX_SCALING:
         raise ValueError(f"scaling: expected a value in [-{MAX_SCALING:.9g}, {MAX_SCALING:.9g}] (the "
                          f"float32 range, in which the backends apply it), got {scaling:.9g}")
     return scaling
+
+
+def is_finite_real(value) -> bool:
+    """A real number (not a bool) that is finite as a Python float: not NaN, not Inf, and not
+    an int too large to convert (``float(10**400)`` raises OverflowError)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def check_rank(r) -> int:
@@ -146,6 +167,14 @@ def _valid_fast(x, weight, bias, lora_A, lora_B) -> bool:
     if weight.device != device or lora_A.device != device or lora_B.device != device:
         return False
     return bias is None or (bias.shape == (out_features,) and bias.dtype == dtype and bias.device == device)
+
+
+def check_strided(x, weight, bias, lora_A, lora_B) -> None:
+    """A TypeError naming the first tensor that is not dense (sparse, MKL-DNN, ...): the backends read
+    strided memory. Not on the fast path: called once a backend has failed."""
+    for name, value in (("x", x), ("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if isinstance(value, torch.Tensor) and value.layout != torch.strided:
+            raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {value.layout}")
 
 
 def check_lora_inputs(x, weight, bias, lora_A, lora_B) -> None:

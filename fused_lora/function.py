@@ -25,7 +25,7 @@ import torch
 
 from . import custom_ops
 from .backends import backend_ops, saves_keep_bits
-from .checks import MAX_SEED, check_seed, check_seed_tensor
+from .checks import MAX_SEED, check_dropout_p, check_seed, check_seed_tensor
 from .torch_ops import accumulation_dtype
 
 
@@ -90,15 +90,24 @@ def _no_autocast(device: torch.device):
 class FusedLoRAFunction(torch.autograd.Function):
     """``y = x W^T + b + scaling * (D(x) A^T) B^T`` with gradients for x, lora_A and lora_B only.
 
-    ``seed``: None (no dropout), an int in [0, 2**63), or a 0-d int64 tensor holding one.
+    ``seed``: None (no dropout), an int in [0, 2**63), or a 0-d int64 tensor holding one;
+    required when ``dropout_p > 0``. ``backend``: "triton", "cpu" or "torch".
+    dropout_p, seed and backend are checked here; the tensors' shapes, dtypes and devices are
+    not (``fused_lora_linear`` checks them, on its fast path): call it with what
+    ``fused_lora_linear`` accepts.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed, backend: str):
+        if type(dropout_p) is not float or not 0.0 <= dropout_p < 1.0:
+            dropout_p = check_dropout_p(dropout_p)  # a TypeError or ValueError naming dropout_p
         if dropout_p > 0.0:
-            if seed is not None and type(seed) is not torch.Tensor:
+            if seed is None:
+                raise ValueError("seed: expected an int in [0, 2**63) or a 0-d int64 tensor when dropout_p > 0 "
+                                 "(FusedLoRAFunction.apply draws none; fused_lora_linear does)")
+            if type(seed) is not torch.Tensor:
                 seed = seed_argument(seed)
-            elif seed is not None and (seed.dim() or seed.dtype != torch.int64 or seed.device.type == "cpu"):
+            elif seed.dim() or seed.dtype != torch.int64 or seed.device.type == "cpu":
                 seed = seed_argument(seed)  # checks the value where that costs no device sync
         else:
             seed = None

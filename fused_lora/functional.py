@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from .backends import backend_name_for, backend_ops
-from .checks import MAX_SCALING, check_dropout_p, check_lora_inputs, check_scaling
+from .checks import MAX_SCALING, check_dropout_p, check_lora_inputs, check_scaling, check_strided, type_name
 from .dropout import draw_seed
 from .function import FusedLoRAFunction, seed_argument
 
@@ -54,9 +54,12 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if type(dropout_p) is not float or not 0.0 <= dropout_p < 1.0:
         dropout_p = check_dropout_p(dropout_p)
     if training is not True and training is not False:
-        raise TypeError(f"training: expected a bool, got {type(training).__name__}")
+        raise TypeError(f"training: expected a bool, got {type_name(training)}")
     if seed is not None:
         seed = seed_argument(seed)
+        if isinstance(seed, torch.Tensor) and seed.device.type not in ("cpu", device.type):
+            raise ValueError(f"seed: expected a 0-d int64 tensor on the CPU or on x's device ({device}), "
+                             f"got one on {seed.device}")
     name = _backend_name(device, backend)
     if name == "triton":
         if lora_A.shape[0] > TRITON_MAX_RANK:
@@ -73,11 +76,24 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         dropout_p, seed = 0.0, None
     elif seed is None:
         seed = draw_seed(device)
-    if name == "cpu" and not autocast and not torch.compiler.is_compiling():
-        y = _cpu_layer(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        if y is not None:
-            return y
-    return FusedLoRAFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, name)
+    # NOTE: the layouts are checked only once a backend failed (a try costs nothing until it raises):
+    # a sparse or MKL-DNN tensor then gets a TypeError naming it instead of the backend's own error.
+    try:
+        if name == "cpu" and not autocast and not torch.compiler.is_compiling():
+            y = _cpu_layer(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+            if y is not None:
+                return y
+        if x.dim() == 2:
+            return FusedLoRAFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, name)
+        # NOTE: (..., K) -> (T, K) and back out here, not inside the Function: autograd forbids
+        # modifying in place (y += residual, ReLU(inplace=True)) a view created inside a custom Function.
+        out_features, in_features = weight.shape
+        y2d = FusedLoRAFunction.apply(x.reshape(-1, in_features), weight, bias, lora_A, lora_B, scaling, dropout_p,
+                                      seed, name)
+        return y2d.view(*x.shape[:-1], out_features)
+    except (RuntimeError, NotImplementedError):
+        check_strided(x, weight, bias, lora_A, lora_B)
+        raise
 
 
 def _cpu_layer(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):

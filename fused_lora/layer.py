@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import check_dropout_p, check_rank, check_scaling
+from .checks import SUPPORTED_DTYPES, check_dropout_p, check_rank, check_scaling, is_finite_real
 from .functional import fused_lora_linear
 
 
@@ -21,8 +21,7 @@ def _check_features(name: str, value) -> int:
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     """lora_alpha / r (lora_alpha / sqrt(r) with rsLoRA), checked to be a valid ``scaling``."""
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) \
-            or not math.isfinite(float(lora_alpha)):
+    if not is_finite_real(lora_alpha):
         raise ValueError(f"lora_alpha: expected a finite real number, got {lora_alpha!r}")
     scaling = float(lora_alpha) / (math.sqrt(r) if use_rslora else r)
     try:
@@ -50,13 +49,17 @@ class FusedLoRALinear(nn.Module):
                  lora_dropout: float = 0.0, bias: bool = True, use_rslora: bool = False,
                  device=None, dtype=None):
         super().__init__()
+        if dtype is not None and dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"dtype: expected None, torch.float16, torch.bfloat16, torch.float32 or torch.float64, "
+                            f"got {dtype!r}")
         factory = {"device": device, "dtype": dtype}
         self.in_features = _check_features("in_features", in_features)
         self.out_features = _check_features("out_features", out_features)
         self.r = check_rank(r)
         self.lora_dropout = lora_dropout
         self.scaling = lora_scaling(self.r, lora_alpha, use_rslora)
-        self.lora_alpha = lora_alpha
+        # NOTE: a plain Python number (a numpy or other Real stays exact): save_adapter writes it to JSON.
+        self.lora_alpha = int(lora_alpha) if isinstance(lora_alpha, numbers.Integral) else float(lora_alpha)
         self.use_rslora = bool(use_rslora)
         self.merged = False
         self.backend: str | None = None

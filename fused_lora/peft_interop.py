@@ -30,7 +30,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from .checks import HALF_DTYPES, SUPPORTED_DTYPES, check_dropout_p, check_rank
+from .checks import HALF_DTYPES, SUPPORTED_DTYPES, check_dropout_p, check_rank, type_name
 from .functional import TRITON_MAX_RANK, fused_lora_linear
 from .layer import FusedLoRALinear, lora_scaling
 
@@ -107,7 +107,7 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float =
     lora_dropout = check_dropout_p(lora_dropout, "lora_dropout")
     lora_scaling(r, lora_alpha, use_rslora)  # checks lora_alpha
     if not isinstance(use_rslora, bool):
-        raise TypeError(f"use_rslora: expected a bool, got {type(use_rslora).__name__}")
+        raise TypeError(f"use_rslora: expected a bool, got {type_name(use_rslora)}")
     chosen = targeted_linears(model, target_modules)
     replace_linears(model, chosen, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
     return model

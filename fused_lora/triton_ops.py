@@ -611,6 +611,10 @@ class _ForwardPlan:
 
 
 def lora_forward(x2d, weight, bias, lora_B, xa, scaling):
+    if bias is not None and bias.stride(0) != 1:
+        # NOTE: the kernels index the bias as bias_ptr + n; an expanded (stride 0) or strided
+        # bias (N elements, a few KB) is copied rather than read at the wrong addresses.
+        bias = bias.contiguous()
     key = (x2d.device, x2d.dtype, lora_B.dtype, x2d.shape, x2d.stride(), weight.stride(), lora_B.shape,
            lora_B.stride(), xa.stride(), bias is None or _aligned(bias), bias is None, _aligned(x2d), _aligned(weight),
            _aligned(lora_B), scaling, torch.backends.cuda.matmul.allow_tf32)

@@ -236,6 +236,8 @@ BROKEN = [
      r"adapter_config.json: field 'lora_alpha': expected a finite number"),
     ("lora_alpha huge", lambda d: _write_config(d, lora_alpha=1e300),
      r"adapter_config.json: fields 'lora_alpha' and 'r'.*scaling"),
+    ("lora_alpha int beyond float", lambda d: _write_config(d, lora_alpha=10 ** 400),  # once an OverflowError
+     r"adapter_config.json: field 'lora_alpha': expected a finite number"),
     ("use_rslora string", lambda d: _write_config(d, use_rslora="yes"), r"adapter_config.json: field 'use_rslora'"),
     ("target_modules number", lambda d: _write_config(d, target_modules=3),
      r"adapter_config.json: field 'target_modules'"),
@@ -314,3 +316,17 @@ def test_valid_config_values_load(tmp_path):
     assert sum(isinstance(m, FusedLoRALinear) and m.lora_dropout == 0.0 for m in model.modules()) == 6
     _write_config(directory, lora_dropout=0)
     assert load_adapter(_ours(r=4, lora_alpha=8), directory) is not None
+
+
+def test_numpy_hyperparameters_save_as_plain_json(tmp_path):
+    # A numpy lora_alpha (from a sweep or a config library) once failed in json.dump after the
+    # weights file was written, leaving a truncated adapter_config.json behind.
+    np = pytest.importorskip("numpy")
+    model = _ours(r=np.int64(4), lora_alpha=np.float32(16), lora_dropout=np.float64(0.05))
+    save_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 16.0, 0.05)
+    loaded = load_adapter(tiny_llama().eval(), tmp_path / "adapter")
+    layer = loaded.get_submodule("model.layers.0.self_attn.q_proj")
+    assert layer.scaling == 4.0 and type(layer.lora_alpha) is float
+    assert_close_scaled("logits", _logits(loaded), _logits(model), reduction_length())

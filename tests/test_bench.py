@@ -184,3 +184,23 @@ def test_plot_names_backends_shows_the_spread_and_keeps_the_legend_clear(tmp_pat
     assert labels[1] == "2048x5632\nT=1024 r=16"  # in_features x out_features, as the calculator writes it
     plot.plot(str(path), str(tmp_path / "r.png"))
     assert (tmp_path / "r.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv,option", [
+    (["--shapes", "0x5"], "--shapes"),       # once ZeroDivisionError in the sweep
+    (["--shapes", "abc"], "--shapes"),       # once a raw int() ValueError
+    (["--tokens", "-1"], "--tokens"),        # once torch's negative-dimension RuntimeError
+    (["--ranks", "0"], "--ranks"),           # once ZeroDivisionError
+    (["--dropout", "1.0"], "--dropout"),
+    (["--repeats", "0"], "--repeats"),       # once silently the default
+    (["--threads", "0"], "--threads"),
+    (["--device", "tpu"], "--device"),       # once torch's device-string RuntimeError
+    (["--warm-part", "0/0"], "--warm-part"),  # once "slice step cannot be zero"
+    (["--warm-part", "3/2"], "--warm-part"),  # once silently no case
+    (["--name", "../x"], "--name"),          # once wrote outside --out-dir
+])
+def test_bad_command_line_values_are_usage_errors(argv, option, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert option in capsys.readouterr().err

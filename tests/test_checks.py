@@ -39,6 +39,7 @@ CASES = [
     ("scaling", ValueError, good(scaling=math.inf)),
     ("scaling", ValueError, good(scaling=math.nan)),
     ("scaling", TypeError, good(scaling="2")),
+    ("scaling", ValueError, good(scaling=-10 ** 400)),  # an int beyond float: once an OverflowError
 ]
 
 
@@ -100,6 +101,8 @@ def test_triton_rank_limit():
 @pytest.mark.parametrize("kwargs,argument", [
     (dict(r=0), "r"), (dict(r=2.5), "r"), (dict(lora_dropout=1.0), "lora_dropout"),
     (dict(lora_alpha=math.inf), "lora_alpha"), (dict(in_features=0), "in_features"),
+    (dict(lora_alpha=10 ** 400), "lora_alpha"),
+    (dict(dtype=torch.int32), "dtype"), (dict(dtype="float32"), "dtype"),  # once torch's raw errors
 ])
 def test_bad_module_arguments(kwargs, argument):
     args = dict(in_features=8, out_features=4)
@@ -240,3 +243,51 @@ def test_function_apply_validates_the_seed_on_every_backend(device_backend, seed
     args = {k: v.to(device) for k, v in good().items() if k != "scaling"}
     with pytest.raises(error, match="seed"):
         fused_lora.FusedLoRAFunction.apply(*args.values(), 1.0, 0.1, seed, backend)
+
+
+@pytest.mark.parametrize("dropout_p,seed,backend,error,argument", [
+    (0.1, None, None, ValueError, "seed"),          # once a raw TypeError / pybind11 cast error
+    (1.5, 3, None, ValueError, "dropout_p"),        # once computed silently (torch, triton)
+    (math.nan, 3, None, ValueError, "dropout_p"),   # once read as "no dropout"
+    ("0.1", 3, None, TypeError, "dropout_p"),
+    (0.0, None, "nope", ValueError, "backend"),     # once a raw KeyError
+    (0.0, None, "missing", ValueError, "backend"),
+])
+def test_function_apply_validates_dropout_seed_and_backend(device_backend, dropout_p, seed, backend, error, argument):
+    device, name = device_backend
+    backend = name if backend is None else None if backend == "missing" else backend
+    args = {k: v.to(device) for k, v in good().items() if k != "scaling"}
+    with pytest.raises(error, match=argument):
+        fused_lora.FusedLoRAFunction.apply(*args.values(), 1.0, dropout_p, seed, backend)
+
+
+def test_a_bool_lookalike_is_named_by_its_full_type():
+    # numpy.bool_'s __name__ is "bool": the message once read "expected a bool, got bool".
+    np = pytest.importorskip("numpy")
+    with pytest.raises(TypeError, match=r"training: expected a bool, got numpy\.bool"):
+        fused_lora_linear(*good().values(), training=np.bool_(True))
+    with pytest.raises(TypeError, match=r"use_rslora: expected a bool, got numpy\.bool"):
+        fused_lora.apply_lora(torch.nn.Sequential(torch.nn.Linear(8, 8)), ["0"], use_rslora=np.bool_(True))
+
+
+def test_seed_tensor_on_a_foreign_device_names_the_seed(device_backend):
+    # Once a raw error of each backend ("Cannot copy out of meta tensor", "Tensor.item() cannot be
+    # called on meta tensors", a C++ check).
+    device, backend = device_backend
+    args = {k: v.to(device) for k, v in good().items() if k != "scaling"}
+    with pytest.raises(ValueError, match="seed"):
+        fused_lora_linear(*args.values(), 1.0, 0.1, seed=torch.tensor(3, device="meta"), backend=backend)
+
+
+@pytest.mark.parametrize("argument,layout", [("weight", "sparse"), ("bias", "sparse"), ("x", "mkldnn")])
+def test_non_dense_tensors_name_the_tensor_on_every_backend(device_backend, argument, layout):
+    # Once each backend's own error ("Cannot access data pointer of Tensor that doesn't have storage",
+    # "addmm_sparse_dense: ...", a C++ RuntimeError). The torch backend computes a sparse x or
+    # lora_A correctly, so those stay accepted there.
+    device, backend = device_backend
+    if device.type != "cpu" or (layout == "mkldnn" and not torch.backends.mkldnn.is_available()):
+        pytest.skip("CPU layouts")
+    args = good()
+    args[argument] = args[argument].to_sparse() if layout == "sparse" else args[argument].to_mkldnn()
+    with pytest.raises(TypeError, match=rf"{argument}: expected a dense \(strided\) tensor"):
+        fused_lora_linear(*args.values(), backend=backend)

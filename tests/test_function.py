@@ -119,6 +119,75 @@ def test_non_contiguous_x(device_backend, p):
             assert_close_scaled(f"{kind} {name}", a, e, lora_reductions(T, K, N, r)[name])
 
 
+def _non_contiguous_parameters(K, N, r, device):
+    """(weight, bias, lora_A, lora_B) laid out as views: expanded (stride 0) or strided."""
+    gen = torch.Generator().manual_seed(4)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device)
+
+    return {
+        "expanded-bias": (rand(N, K), rand(1).expand(N), rand(r, K), rand(N, r)),
+        "strided-bias": (rand(N, K), rand(3 * N)[1::3], rand(r, K), rand(N, r)),
+        "expanded-weight": (rand(1, K).expand(N, K), rand(N), rand(r, K), rand(N, r)),
+        "strided-all": (rand(N, 2 * K)[:, ::2], rand(2 * N)[::2], rand(K, r).t(), rand(r, N).t()),
+        "expanded-adapters": (rand(N, K), rand(N), rand(1, K).expand(r, K), rand(N, 1).expand(N, r)),
+    }
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_non_contiguous_weight_bias_and_adapters(device_backend, p):
+    # The triton kernels once read an expanded or strided bias as if it were contiguous (wrong y).
+    device, backend = device_backend
+    T, K, N, r = 12, 20, 18, 3
+    x = torch.randn(T, K, generator=torch.Generator().manual_seed(6)).to(device)
+    dy = torch.randn(T, N, generator=torch.Generator().manual_seed(7)).to(device)
+    mask = dropout_mask(5, T, K, p) if p > 0 else None
+    for kind, (weight, b, lora_A, lora_B) in _non_contiguous_parameters(K, N, r, device).items():
+        actual = run_forward_backward(
+            lambda x_, a_, b_: fused_lora_linear(x_, weight, b, a_, b_, 1.5, p, seed=5, backend=backend),
+            x, lora_A, lora_B, dy)
+        expected = run_forward_backward(
+            lambda x_, a_, b_: lora_linear_reference(x_, weight.contiguous(), b.contiguous(), a_, b_, 1.5,
+                                                     keep_mask=mask, dropout_p=p),
+            x, lora_A.contiguous(), lora_B.contiguous(), dy)
+        for name, a, e in zip(OUTPUT_NAMES, actual, expected):
+            assert_close_scaled(f"{kind} {name}", a, e, lora_reductions(T, K, N, r)[name])
+
+
+@pytest.mark.parametrize("batch_shape", [(2, 3), (2, 1, 3), ()], ids=["3d", "4d", "1d"])
+def test_output_of_any_rank_can_be_modified_in_place(device_backend, batch_shape):
+    # As nn.Linear's: `y += residual` or ReLU(inplace=True) on the output. The torch and triton
+    # backends once returned a view made inside the autograd Function for x of rank != 2, which
+    # autograd refuses to modify in place ("Output 0 of FusedLoRAFunction is a view ...").
+    device, backend = device_backend
+    K, N, r = 10, 8, 3
+    _, weight, b, lora_A, lora_B = make_inputs(4, K, N, r, torch.float32, device)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(*batch_shape, K, generator=gen).to(device)
+    residual = torch.randn(*batch_shape, N, generator=gen).to(device)
+    dy = torch.randn(*batch_shape, N, generator=gen).to(device)
+
+    def in_place(linear):
+        def fn(x_, a_, b_):
+            y = linear(x_, a_, b_)
+            y += residual
+            return torch.relu_(y)
+        return fn
+
+    actual = run_forward_backward(
+        in_place(lambda x_, a_, b_: fused_lora_linear(x_, weight, b, a_, b_, 2.0, 0.2, seed=3, backend=backend)),
+        x, lora_A, lora_B, dy)
+    mask = dropout_mask(3, x.numel() // K, K, 0.2)
+    expected = run_forward_backward(
+        in_place(lambda x_, a_, b_: lora_linear_reference(x_, weight, b, a_, b_, 2.0, keep_mask=mask, dropout_p=0.2)),
+        x, lora_A, lora_B, dy)
+    rows = x.numel() // K
+    for name, a, e in zip(OUTPUT_NAMES, actual, expected):
+        assert a.shape == e.shape, name
+        assert_close_scaled(name, a, e, lora_reductions(rows, K, N, r)[name])
+
+
 @pytest.mark.parametrize("K", [8, 5])
 def test_gradcheck_float64_with_dropout(device_backend, K):
     device, backend = device_backend

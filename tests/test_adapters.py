@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from fused_lora import FusedLoRALinear, apply_lora, from_peft, load_adapter, save_adapter
 
-from tiny_models import reduction_length, tiny_llama, token_batch
+from tiny_models import randomise_parameters, reduction_length, tiny_llama, token_batch
 from tolerances import assert_close_scaled
 
 peft = pytest.importorskip("peft")
@@ -20,12 +20,7 @@ TARGETS = ["q_proj", "v_proj", "up_proj"]
 
 
 def _randomise_adapters(model, seed=7):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
-    return model
+    return randomise_parameters(model, "lora_", seed)
 
 
 def _ours(**kwargs):

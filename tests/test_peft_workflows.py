@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from fused_lora import from_peft
 
-from tiny_models import reduction_length, tiny_llama, token_batch
+from tiny_models import randomise_parameters, reduction_length, tiny_llama, token_batch
 from tolerances import assert_close_scaled
 
 peft = pytest.importorskip("peft")
@@ -46,12 +46,7 @@ def fused_calls(monkeypatch):
 
 
 def _randomise_lora_B(model, seed=3):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
-    return model
+    return randomise_parameters(model, "lora_B", seed)
 
 
 def _twins(**config):

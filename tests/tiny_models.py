@@ -22,6 +22,19 @@ def tiny_llama(seed=0, **overrides):
     return model.eval()
 
 
+def randomise_parameters(model, name_part: str, seed: int, scale: float = 0.2):
+    """Fill every parameter whose name contains ``name_part`` with scale * N(0, 1), seeded.
+
+    LoRA's B starts at zero, so tests that compare adapters randomise it (or A and B).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name_part in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+    return model
+
+
 def token_batch(batch=2, length=10, vocab=96, seed=1):
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 

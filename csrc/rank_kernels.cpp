@@ -212,6 +212,18 @@ constexpr int kExpandVectors = 4;
 
 // The epilogues. vec: a whole vector of values for columns c .. c + L - 1 of row i;
 // tail: `count` values (at the end of a row, and for fp16/bf16 outputs).
+
+// A whole vector through the epilogue's tail: for outputs narrower than T (fp16/bf16),
+// which are rounded element by element.
+template <typename I, typename T, typename Epilogue>
+FUSED_LORA_INLINE void vec_through_tail(const Epilogue& epilogue, int64_t i, int64_t c,
+                                        const Vec<T, I>& values) {
+  constexpr int L = kLanes<T, I>;
+  alignas(64) T lanes[L];
+  store_vec(lanes, values);
+  epilogue.tail(i, c, lanes, L);
+}
+
 template <typename I, typename scalar_t, typename T>
 struct MaskedStore {
   const uint16_t* rnd;  // null: no mask
@@ -238,9 +250,7 @@ struct MaskedStore {
       const V factor = r >= static_cast<Int>(threshold) ? alpha_v : V{};
       store_vec(out + i * ld_out + c, values * factor);
     } else {
-      alignas(64) T lanes[L];
-      store_vec(lanes, values);
-      tail(i, c, lanes, L);
+      vec_through_tail<I, T>(*this, i, c, values);
     }
   }
 
@@ -268,13 +278,10 @@ struct BiasStore {
 
   FUSED_LORA_INLINE void vec(int64_t i, int64_t c, const Vec<T, I>& values) const {
     using V = Vec<T, I>;
-    constexpr int L = kLanes<T, I>;
     if constexpr (std::is_same_v<scalar_t, T>) {
       store_vec(out + i * ld_out + c, bias == nullptr ? values : values + load_vec<V>(bias + c));
     } else {
-      alignas(64) T lanes[L];
-      store_vec(lanes, values);
-      tail(i, c, lanes, L);
+      vec_through_tail<I, T>(*this, i, c, values);
     }
   }
 

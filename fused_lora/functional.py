@@ -76,39 +76,33 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         dropout_p, seed = 0.0, None
     elif seed is None:
         seed = draw_seed(device)
+    # NOTE: (..., K) -> (T, K) and back out here, not inside the Function: autograd forbids
+    # modifying in place (y += residual, ReLU(inplace=True)) a view created inside a custom Function.
+    # One reshape serves both roads (a copy when x is not viewable as (T, K)).
+    out_features, in_features = weight.shape
     # NOTE: the layouts are checked only once a backend failed (a try costs nothing until it raises):
     # a sparse or MKL-DNN tensor then gets a TypeError naming it instead of the backend's own error.
     try:
+        x2d = x if x.dim() == 2 else x.reshape(-1, in_features)
+        y2d = None
         if name == "cpu" and not autocast and not torch.compiler.is_compiling():
-            y = _cpu_layer(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-            if y is not None:
-                return y
-        if x.dim() == 2:
-            return FusedLoRAFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, name)
-        # NOTE: (..., K) -> (T, K) and back out here, not inside the Function: autograd forbids
-        # modifying in place (y += residual, ReLU(inplace=True)) a view created inside a custom Function.
-        out_features, in_features = weight.shape
-        y2d = FusedLoRAFunction.apply(x.reshape(-1, in_features), weight, bias, lora_A, lora_B, scaling, dropout_p,
-                                      seed, name)
-        return y2d.view(*x.shape[:-1], out_features)
+            y2d = _cpu_layer(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        if y2d is None:
+            y2d = FusedLoRAFunction.apply(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, name)
     except (RuntimeError, NotImplementedError):
         check_strided(x, weight, bias, lora_A, lora_B)
         raise
+    return y2d if x.dim() == 2 else y2d.view(*x.shape[:-1], out_features)
 
 
-def _cpu_layer(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    """The cpu backend's one-node C++ autograd path (``cpu_ops.lora_linear``), or None where it
-    does not apply: no rows, a seed tensor off the CPU, or a shape outside the fused path."""
+def _cpu_layer(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    """The cpu backend's one-node C++ autograd path (``cpu_ops.lora_linear``) for a (T, K) x, or None
+    where it does not apply: no rows, a seed tensor off the CPU, or a shape outside the fused path."""
     if isinstance(seed, torch.Tensor) and seed.device.type != "cpu":
         return None
-    out_features, in_features = weight.shape
-    x2d = x if x.dim() == 2 else x.reshape(-1, in_features)
     if x2d.shape[0] == 0:
         return None
-    y2d = backend_ops("cpu").lora_linear(x2d, weight, bias, lora_A, lora_B, scaling, seed, dropout_p)
-    if y2d is None or x.dim() == 2:
-        return y2d
-    return y2d.view(*x.shape[:-1], out_features)
+    return backend_ops("cpu").lora_linear(x2d, weight, bias, lora_A, lora_B, scaling, seed, dropout_p)
 
 
 @torch.compiler.assume_constant_result

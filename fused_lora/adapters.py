@@ -21,7 +21,7 @@ import os
 import torch
 import torch.nn as nn
 
-from .checks import SUPPORTED_DTYPES, is_finite_real
+from .checks import SUPPORTED_DTYPES, is_finite_real, plain_number
 from .layer import FusedLoRALinear, lora_scaling
 from .peft_interop import lora_layers, matches_target, replace_linears, targeted_linears
 
@@ -100,8 +100,7 @@ def save_adapter(model: nn.Module, directory, *, task_type: str | None = None) -
             raise ValueError(f"model: layer {name!r} is merged; unmerge() it before saving the adapter")
     # NOTE: plain Python values for JSON (a numpy scalar, e.g. a PEFT lora_alpha, is not serialisable).
     r = int(_shared_value(layers, "r"))
-    lora_alpha = _shared_value(layers, "lora_alpha")
-    lora_alpha = int(lora_alpha) if isinstance(lora_alpha, numbers.Integral) else float(lora_alpha)
+    lora_alpha = plain_number(_shared_value(layers, "lora_alpha"))
     lora_dropout = float(_shared_value(layers, "lora_dropout"))
     use_rslora = bool(_shared_value(layers, "use_rslora"))
     for name, layer in layers:

@@ -107,6 +107,11 @@ def is_finite_real(value) -> bool:
         return False
 
 
+def plain_number(value):
+    """A real number as a Python int (integral values) or float, e.g. for JSON (numpy scalars are not)."""
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
 def check_rank(r) -> int:
     if isinstance(r, bool) or not isinstance(r, numbers.Integral):
         raise TypeError(f"r: expected an int >= 1, got {type(r).__name__}")

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import SUPPORTED_DTYPES, check_dropout_p, check_rank, check_scaling, is_finite_real
+from .checks import SUPPORTED_DTYPES, check_dropout_p, check_rank, check_scaling, is_finite_real, plain_number
 from .functional import fused_lora_linear
 
 
@@ -59,7 +59,7 @@ class FusedLoRALinear(nn.Module):
         self.lora_dropout = lora_dropout
         self.scaling = lora_scaling(self.r, lora_alpha, use_rslora)
         # NOTE: a plain Python number (a numpy or other Real stays exact): save_adapter writes it to JSON.
-        self.lora_alpha = int(lora_alpha) if isinstance(lora_alpha, numbers.Integral) else float(lora_alpha)
+        self.lora_alpha = plain_number(lora_alpha)
         self.use_rslora = bool(use_rslora)
         self.merged = False
         self.backend: str | None = None

@@ -32,31 +32,67 @@ GPU_SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # Llama
 GPU_TOKENS = [2048, 8192, 16384]
 
 
+def _option(expected, parse):
+    """An argparse type: ``parse(text)``, or a usage error (exit 2) naming the option and ``expected``
+    for a value the sweep cannot run, instead of a traceback later."""
+    def convert(text):
+        try:
+            value = parse(text)
+        except ValueError:
+            value = None
+        if value is None:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return convert
+
+
 def _ints(text):
-    return [int(v) for v in text.split(",") if v]
+    values = [int(v) for v in text.split(",") if v.strip()]
+    return values if values and min(values) >= 1 else None
 
 
-def _floats(text):
-    return [float(v) for v in text.split(",") if v]
+def _shapes(text):
+    shapes = [tuple(int(v) for v in shape.split("x")) for shape in text.split(",")]
+    return shapes if all(len(s) == 2 and min(s) >= 1 for s in shapes) else None
+
+
+def _probabilities(text):
+    values = [float(v) for v in text.split(",") if v.strip()]
+    return values if values and all(0.0 <= p < 1.0 for p in values) else None
+
+
+def _positive_int(text):
+    value = int(text)
+    return value if value >= 1 else None
+
+
+def _part(text):
+    index, count = (int(v) for v in text.split("/"))
+    return (index, count) if 0 <= index < count else None
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    parser.add_argument("--shapes", help="comma-separated KxN (in_features x out_features), e.g. 4096x4096,4096x14336")
-    parser.add_argument("--tokens", help="comma-separated T (rows of x)")
-    parser.add_argument("--ranks", help="comma-separated r (default: 16 on CPU, 16,64 on GPU)")
-    parser.add_argument("--dropout", help="comma-separated p (default 0,0.1)")
+    parser.add_argument("--shapes", type=_option("comma-separated KxN with K, N >= 1 (e.g. 4096x4096)", _shapes),
+                        help="comma-separated KxN (in_features x out_features), e.g. 4096x4096,4096x14336")
+    ints = _option("comma-separated ints >= 1", _ints)
+    parser.add_argument("--tokens", type=ints, help="comma-separated T (rows of x)")
+    parser.add_argument("--ranks", type=ints, help="comma-separated r (default: 16 on CPU, 16,64 on GPU)")
+    parser.add_argument("--dropout", type=_option("comma-separated probabilities in [0, 1)", _probabilities),
+                        help="comma-separated p (default 0,0.1)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default fp32 on CPU, bf16 on GPU")
     parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {PROVIDERS}")
-    parser.add_argument("--repeats", type=int, help="timed repeats per case (default 5 on CPU, 25 on GPU)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    positive = _option("an int >= 1", _positive_int)
+    parser.add_argument("--repeats", type=positive, help="timed repeats per case (default 5 on CPU, 25 on GPU)")
+    parser.add_argument("--threads", type=positive, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="one small case, 3 repeats, a tiny end-to-end model")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end Llama row")
     parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end Llama row")
     parser.add_argument("--latency", action="store_true",
                         help="only the latency row: fwd+bwd wall time per call at T=1 and 16 (K=N=4096 on GPU, 64 on CPU)")
-    parser.add_argument("--warm-part", help="i/n: run fused_lora once on part i of n of the cases, untimed, "
+    parser.add_argument("--warm-part", type=_option("i/n with 0 <= i < n (e.g. 0/4)", _part),
+                        help="i/n: run fused_lora once on part i of n of the cases, untimed, "
                                             "to fill Triton's cache from several processes first")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--publish", action="store_true",
@@ -75,33 +111,8 @@ def parse_args(argv=None):
 
 
 def _check_args(parser, args) -> None:
-    """parser.error (exit 2, with the usage) for a value the sweep cannot run, instead of a traceback later."""
-    def ints(option, text, low=1):
-        try:
-            values = _ints(text)
-        except ValueError:
-            values = None
-        if not values or any(v < low for v in values):
-            parser.error(f"{option}: expected comma-separated ints >= {low}, got {text!r}")
-
-    if args.shapes is not None:
-        for shape in args.shapes.split(","):
-            parts = [p.strip() for p in shape.split("x")]
-            if len(parts) != 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
-                parser.error(f"--shapes: expected comma-separated KxN with K, N >= 1 (e.g. 4096x4096), got {shape!r}")
-    for option, text in (("--tokens", args.tokens), ("--ranks", args.ranks)):
-        if text is not None:
-            ints(option, text)
-    if args.dropout is not None:
-        try:
-            values = _floats(args.dropout)
-        except ValueError:
-            values = None
-        if not values or not all(0.0 <= p < 1.0 for p in values):
-            parser.error(f"--dropout: expected comma-separated probabilities in [0, 1), got {args.dropout!r}")
-    for option, value in (("--repeats", args.repeats), ("--threads", args.threads)):
-        if value is not None and value < 1:
-            parser.error(f"{option}: expected an int >= 1, got {value}")
+    """parser.error (exit 2, with the usage) for a --device or --name the run cannot use; the lists
+    and numbers are checked as argparse parses them (``_option``)."""
     try:
         device = torch.device("cpu" if args.device == "auto" else args.device)
     except RuntimeError:
@@ -110,10 +121,6 @@ def _check_args(parser, args) -> None:
         parser.error(f"--device: expected auto, cpu or cuda, got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device: cuda is not available here (use auto or cpu)")
-    if args.warm_part is not None:
-        parts = [p.strip() for p in args.warm_part.split("/")]
-        if len(parts) != 2 or not all(p.isdigit() for p in parts) or not int(parts[0]) < int(parts[1]):
-            parser.error(f"--warm-part: expected i/n with 0 <= i < n (e.g. 0/4), got {args.warm_part!r}")
     if args.name is not None and (not args.name or os.sep in args.name or (os.altsep and os.altsep in args.name)
                                   or args.name in (".", "..")):
         parser.error(f"--name: expected a file stem without a path (use --out-dir for the folder), got {args.name!r}")
@@ -155,12 +162,11 @@ def _can_plot() -> bool:
 def cases_from(args, device) -> list[Case]:
     gpu = device.type == "cuda"
     dtype = args.dtype or ("bf16" if gpu else "fp32")
-    ranks = _ints(args.ranks) if args.ranks else ([16, 64] if gpu else [16])
-    dropouts = _floats(args.dropout) if args.dropout else [0.0, 0.1]
+    ranks = args.ranks or ([16, 64] if gpu else [16])
+    dropouts = args.dropout or [0.0, 0.1]
     if args.shapes or args.tokens:
-        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else \
-            ([(4096, 4096)] if gpu else [(1024, 1024)])
-        tokens = _ints(args.tokens) if args.tokens else ([8192] if gpu else [1024])
+        shapes = args.shapes or ([(4096, 4096)] if gpu else [(1024, 1024)])
+        tokens = args.tokens or ([8192] if gpu else [1024])
         kn_t = [(K, N, T) for K, N in shapes for T in tokens]
     elif gpu:
         kn_t = [(K, N, T) for K, N in GPU_SHAPES for T in ([2048] if args.quick else GPU_TOKENS)]
@@ -169,14 +175,14 @@ def cases_from(args, device) -> list[Case]:
     return [Case(K, N, T, r, p, dtype) for K, N, T in kn_t for r in ranks for p in dropouts]
 
 
-def warm(cases, providers, device, part: str) -> int:
+def warm(cases, providers, device, part: tuple[int, int]) -> int:
     """Run the fused_lora providers once per case of this part (compiles; nothing is timed or written)."""
     import time
 
     from .providers import Weights, build, trainable_parameters
     from .sweep import DTYPES, _inputs
 
-    index, count = (int(v) for v in part.split("/"))
+    index, count = part
     started = time.perf_counter()
     for case in cases[index::count]:
         dtype = DTYPES[case.dtype]
@@ -193,7 +199,7 @@ def warm(cases, providers, device, part: str) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
-    print(f"warm part {part}: {len(cases[index::count])} cases in {time.perf_counter() - started:.1f}s")
+    print(f"warm part {index}/{count}: {len(cases[index::count])} cases in {time.perf_counter() - started:.1f}s")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""fused_lora: the packages fused_lora and fused_lora.kernels (from kernels/),
+"""fused_lora: the package fused_lora (with fused_lora.kernels from kernels/triton/),
 and the C++ CPU backend fused_lora._C (from csrc/).
 
 Building the C++ backend needs torch installed first (so pip needs
@@ -93,9 +93,14 @@ setup(
     description="Fused LoRA linear layers: Triton kernels (GPU), C++ (CPU), PyTorch fallback",
     license="MIT",
     license_files=["LICENSE"],
-    packages=["fused_lora", "fused_lora.kernels"],
-    package_dir={"fused_lora": "fused_lora", "fused_lora.kernels": "kernels"},
-    package_data={"fused_lora": ["configs/*.json"]},
+    # NOTE: the Triton kernels live in kernels/triton/ (installed as fused_lora.kernels), and the
+    # top-level kernels/ has no __init__.py: a regular package there would shadow Hugging Face's
+    # installed `kernels` (which transformers uses, and whose setuptools entry point runs in this
+    # very build) for anything run from the repository root.
+    packages=["fused_lora", "fused_lora.kernels", "fused_lora.ops", "fused_lora.ops.triton_ops",
+              "fused_lora.integrations", "fused_lora.memory"],
+    package_dir={"fused_lora": "fused_lora", "fused_lora.kernels": "kernels/triton"},
+    package_data={"fused_lora.memory": ["configs/*.json"]},
     python_requires=">=3.9",
     install_requires=[f"torch>={MIN_TORCH}", "numpy"],
     extras_require={"triton": ["triton>=3.6"], "test": ["pytest", "hypothesis", "peft", "transformers"],

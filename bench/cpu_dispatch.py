@@ -1,8 +1,8 @@
 """python -m bench.cpu_dispatch: the cpu backend's two paths against the torch backend, over a grid of shapes.
 
-The measurement behind ``fused_lora.cpu_ops.fused_path`` (which path of the "cpu"
+The measurement behind ``fused_lora.ops.cpu_ops.fused_path`` (which path of the "cpu"
 backend runs a shape) and behind ``backend=None`` choosing "cpu" on CPU
-(fused_lora/backends.py): fwd+bwd of ``fused_lora_linear`` with backend="cpu" on its
+(fused_lora/ops/backends.py): fwd+bwd of ``fused_lora_linear`` with backend="cpu" on its
 fused C++ path, backend="cpu" on its ATen path, and backend="torch", on the same
 inputs, interleaved repeat by repeat, for T x K -> N, rank r and dropout p over a
 grid. With one thread each call is timed by the thread's CPU time (what a busy
@@ -28,7 +28,7 @@ import time
 import torch
 
 import fused_lora
-from fused_lora import cpu_ops
+from fused_lora.ops import cpu_ops
 
 from .report import cpu_model, isa_path
 

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from fused_lora import cpu_ops, torch_ops
+from fused_lora.ops import cpu_ops, torch_ops
 
 from .report import cpu_model, isa_path
 

@@ -115,7 +115,7 @@ def run(device: torch.device, size_name: str, r: int, p: float, dtype: torch.dty
 def _backends_used(model, tokens, r, p) -> str:
     """The backend (and cpu path) label of every FusedLoRALinear layer of the model, deduplicated."""
     import fused_lora
-    from fused_lora.backends import backend_name_for
+    from fused_lora.ops.backends import backend_name_for
 
     from .report import backend_used
 

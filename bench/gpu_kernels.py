@@ -70,7 +70,7 @@ def _event_times(fns: dict, repeats=20, warmup=3):
 
 def gemm_items(shapes):
     """(name, build) pairs; build() returns {label: fn} (compiles on first call of each fn)."""
-    from fused_lora import triton_ops as ops
+    from fused_lora.ops import triton_ops as ops
     from fused_lora.kernels.common import POINTER_GEMM_CONFIGS, TMA_GEMM_CONFIGS
 
     items = []
@@ -196,8 +196,8 @@ def skinny_items():
 
 
 def run_skinny(items, warm):
-    from fused_lora import backends
-    from fused_lora import triton_ops as ops
+    from fused_lora.ops import backends
+    from fused_lora.ops import triton_ops as ops
 
     rows = []
     K = N = 4096
@@ -230,8 +230,8 @@ def run_skinny(items, warm):
 
 def run_profiles(warm):
     """Default settings, 4096->4096, T=8192: per-kernel tables for p=0, p=0.1 (bits, seed), and nn.Linear."""
-    from fused_lora import backends
-    from fused_lora import triton_ops as ops
+    from fused_lora.ops import backends
+    from fused_lora.ops import triton_ops as ops
 
     out = {}
     K = N = 4096

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fused_lora
-from fused_lora.backends import backend_name_for
+from fused_lora.ops.backends import backend_name_for
 
 PROVIDERS = ("linear", "fused_lora", "fused_lora_torch", "peft", "peft_bf16", "peft_compile", "addmm_composite",
              "eager_composite")

@@ -63,7 +63,7 @@ def backend_used(backend: str, K: int, N: int, T: int, r: int, p: float = 0.0) -
     and the shrink and backward the fused loops."""
     if backend != "cpu":
         return backend
-    from fused_lora import cpu_ops
+    from fused_lora.ops import cpu_ops
 
     paths = dict.fromkeys("fused" if cpu_ops.fused_path(T, K, N, r, q) else "aten" for q in (0.0, p))
     return "cpu:" + "+".join(paths)

@@ -1,4 +1,4 @@
-// pybind11 bindings: the module fused_lora._C (wrapped by fused_lora/cpu_ops.py).
+// pybind11 bindings: the module fused_lora._C (wrapped by fused_lora/ops/cpu_ops.py).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/csrc/autograd/python_variable.h>

@@ -1,5 +1,5 @@
 // The dropout mask itself (fused_lora.dropout_mask, the tests), and D(x) materialised
-// for the ATen path of the cpu backend (fused_lora/cpu_ops.py).
+// for the ATen path of the cpu backend (fused_lora/ops/cpu_ops.py).
 #include <algorithm>
 
 #include <ATen/ops/empty.h>

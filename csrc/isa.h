@@ -12,7 +12,7 @@
 // FUSED_LORA_ISA=avx512|avx2|baseline caps it, so the AVX2 or baseline code can be
 // tested and measured on an AVX-512 machine; FUSED_LORA_PHILOX_ISA=avx512|avx2|scalar
 // caps the Philox generator alone (on top of FUSED_LORA_ISA). Both are read once,
-// when the extension loads. fused_lora/cpu_ops.py turns an invalid value into a
+// when the extension loads. fused_lora/ops/cpu_ops.py turns an invalid value into a
 // Python error (isa_env_error()).
 //
 // The avx2 and avx512 paths sum every element in the same order (both use FMA), so

@@ -1,5 +1,5 @@
-// The operations of the "cpu" backend (fused_lora/cpu_ops.py documents the
-// interface; fused_lora/torch_ops.py is the same in pure PyTorch).
+// The operations of the "cpu" backend (fused_lora/ops/cpu_ops.py documents the
+// interface; fused_lora/ops/torch_ops.py is the same in pure PyTorch).
 //
 // Dropout arguments: seed in [0, 2**63); threshold = dropout_threshold(p), the
 // integer the Python side computes so rounding is identical on every backend;

@@ -3,9 +3,22 @@
 The public names load on first use (PEP 562), so ``import fused_lora`` and the
 calculator (``python -m fused_lora.memory --params 7e9``) do not pay for importing torch.
 
-A source checkout imports like the installed package: setup.py installs ``kernels/`` as
-``fused_lora.kernels``, and the same mapping is made here when this file sits beside
-``setup.py`` and ``kernels/``. A checkout without its C++ extension that would hide an
+Layout (each folder's ``__init__`` says more):
+
+* here: the public API and its chain, ``functional`` (``fused_lora_linear``) -> ``function``
+  (``FusedLoRAFunction``, the only autograd) -> ``ops`` (the backends); ``layer``
+  (``FusedLoRALinear``), ``reference`` (the eager formula), ``dropout`` and ``philox`` (the
+  mask), ``checks`` (argument checks);
+* ``ops/``: one module per backend (torch, cpu, triton) and the torch.compile custom ops;
+* ``kernels``: the Triton kernels, from the repository's ``kernels/triton/`` folder;
+* ``integrations/``: PEFT models and adapter files;
+* ``memory/``: the compute-requirements calculator.
+
+A source checkout imports like the installed package: setup.py installs ``kernels/triton/``
+as ``fused_lora.kernels``, and the same mapping is made here when this file sits beside
+``setup.py`` and ``kernels/triton/``. The top-level ``kernels/`` folder has no ``__init__.py``
+on purpose, so that ``import kernels`` run from the checkout finds Hugging Face's installed
+``kernels`` package rather than this folder. A checkout without its C++ extension that would hide an
 installed copy which has one fails at import with what to do, instead of silently
 running the slower torch backend.
 """
@@ -23,17 +36,17 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "FusedLoRAFunction": "function",
     "FusedLoRALinear": "layer",
-    "apply_lora": "peft_interop",
-    "available_backends": "backends",
-    "count_parameters": "parameters",
+    "apply_lora": "integrations.peft",
+    "available_backends": "ops.backends",
+    "count_parameters": "memory.parameters",
     "dropout_mask": "dropout",
-    "from_peft": "peft_interop",
+    "from_peft": "integrations.peft",
     "fused_lora_linear": "functional",
-    "load_adapter": "adapters",
+    "load_adapter": "integrations.adapters",
     "lora_linear_reference": "reference",
-    "print_trainable_parameters": "parameters",
+    "print_trainable_parameters": "memory.parameters",
     "reference": None,  # the submodule itself
-    "save_adapter": "adapters",
+    "save_adapter": "integrations.adapters",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -43,21 +56,22 @@ MIN_TORCH = (2, 4)
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
+_SOURCE_KERNELS = os.path.join(_ROOT, "kernels", "triton")
 
 
 def _source_checkout() -> bool:
-    """True when imported from the repository (``setup.py`` and ``kernels/`` beside this package)."""
+    """True when imported from the repository (``setup.py`` and ``kernels/triton/`` beside this package)."""
     return (not os.path.isdir(os.path.join(_HERE, "kernels"))
             and os.path.isfile(os.path.join(_ROOT, "setup.py"))
-            and os.path.isfile(os.path.join(_ROOT, "kernels", "__init__.py")))
+            and os.path.isfile(os.path.join(_SOURCE_KERNELS, "__init__.py")))
 
 
 def _map_source_kernels() -> None:
-    """Make ``fused_lora.kernels`` the checkout's ``kernels/``, as setup.py's package_dir does."""
+    """Make ``fused_lora.kernels`` the checkout's ``kernels/triton/``, as setup.py's package_dir does."""
     name = __name__ + ".kernels"
     if name in sys.modules:
         return
-    directory = os.path.join(_ROOT, "kernels")
+    directory = _SOURCE_KERNELS
     spec = importlib.util.spec_from_file_location(name, os.path.join(directory, "__init__.py"),
                                                   submodule_search_locations=[directory])
     module = importlib.util.module_from_spec(spec)
@@ -113,14 +127,14 @@ def _load_all() -> None:
     if found < MIN_TORCH:
         raise ImportError(f"fused_lora needs torch>={'.'.join(map(str, MIN_TORCH))} (torch.library.custom_op), "
                           f"found torch {torch.__version__}")
-    from .backends import available_backends
+    from .ops.backends import available_backends
     from .dropout import dropout_mask
     from .function import FusedLoRAFunction
     from .functional import fused_lora_linear
     from .layer import FusedLoRALinear
-    from .adapters import load_adapter, save_adapter
-    from .parameters import count_parameters, print_trainable_parameters
-    from .peft_interop import apply_lora, from_peft
+    from .integrations.adapters import load_adapter, save_adapter
+    from .memory.parameters import count_parameters, print_trainable_parameters
+    from .integrations.peft import apply_lora, from_peft
     from .reference import lora_linear_reference
     from . import reference
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends import backend_name_for, backend_ops
+from .ops.backends import backend_name_for, backend_ops
 from .checks import MAX_SEED, check_dims, check_dropout_p, check_seed
 
 

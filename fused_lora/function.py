@@ -23,10 +23,10 @@ import numbers
 
 import torch
 
-from . import custom_ops
-from .backends import backend_ops, saves_keep_bits
+from .ops import custom_ops
+from .ops.backends import backend_ops, saves_keep_bits
 from .checks import MAX_SEED, check_dropout_p, check_seed, check_seed_tensor
-from .torch_ops import accumulation_dtype
+from .ops.torch_ops import accumulation_dtype
 
 
 def seed_argument(seed):

@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from .backends import backend_name_for, backend_ops
+from .ops.backends import backend_name_for, backend_ops
 from .checks import MAX_SCALING, check_dropout_p, check_lora_inputs, check_scaling, check_strided, type_name
 from .dropout import draw_seed
 from .function import FusedLoRAFunction, seed_argument

@@ -14,7 +14,7 @@ os.environ.pop("FUSED_LORA_BACKEND", None)  # tests choose backends explicitly
 
 import pytest  # noqa: E402
 
-from fused_lora.backends import _runs_on  # noqa: E402
+from fused_lora.ops.backends import _runs_on  # noqa: E402
 
 
 def device_backend_pairs():

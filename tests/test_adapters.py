@@ -275,7 +275,7 @@ def test_failed_load_into_a_model_with_lora_layers_leaves_it_unchanged(tmp_path,
 
 def test_failure_while_changing_the_model_is_rolled_back(tmp_path, monkeypatch):
     """An error no check foresaw (here: the third copy fails) still leaves the model as it was."""
-    import fused_lora.adapters as adapters
+    import fused_lora.integrations.adapters as adapters
 
     directory = _saved(tmp_path)
     _write_config(directory, lora_dropout=0.2)

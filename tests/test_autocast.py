@@ -36,7 +36,7 @@ def _run(layer, A, B, x, dy, autocast):
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_bf16_autocast_on_cpu_is_as_accurate_as_peft(backend, bias):
-    from fused_lora.backends import _runs_on
+    from fused_lora.ops.backends import _runs_on
     if not _runs_on(backend, torch.device("cpu")):
         pytest.skip(f"backend {backend} is not built here")
     peft_layer, ours = _layers(bias)
@@ -78,7 +78,7 @@ def test_autocast_casts_what_f_linear_casts():
 
 
 def test_triton_interpreter_refuses_bf16_autocast_clearly():
-    from fused_lora.backends import _runs_on
+    from fused_lora.ops.backends import _runs_on
     if not _runs_on("triton", torch.device("cpu")):
         pytest.skip("triton cannot run CPU tensors here")
     layer = FusedLoRALinear(8, 4, r=2)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fused_lora
-from fused_lora.backends import ENV_VAR, backend_name_for
+from fused_lora.ops.backends import ENV_VAR, backend_name_for
 
 from tolerances import assert_close_scaled
 

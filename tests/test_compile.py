@@ -50,7 +50,7 @@ def test_custom_ops_have_fake_implementations():
         assert (dx.shape, dA.shape, dB.shape) == ((7, 5), (0,), (6, 3))
         # The triton backend saves the packed keep mask (its default "bits" mode): 1 bit per element.
         _, bits = torch.ops.fused_lora.lora_shrink(x, A, seed, 0.1, "triton")
-        expected = (7, 1) if fused_lora.backends.TRITON_MASK_MODE == "bits" else (0,)
+        expected = (7, 1) if fused_lora.ops.backends.TRITON_MASK_MODE == "bits" else (0,)
         assert bits.shape == expected and bits.dtype == torch.uint8
 
 

@@ -15,14 +15,15 @@ import pytest
 import torch
 
 import fused_lora
-from fused_lora import backends, philox
+from fused_lora import philox
+from fused_lora.ops import backends
 from fused_lora.reference import lora_linear_reference
 
 from tolerances import assert_close_scaled, lora_reductions, scaled_atol
 
 try:
     from fused_lora import _C
-    from fused_lora import cpu_ops
+    from fused_lora.ops import cpu_ops
     _IMPORT_ERROR = None
 except ImportError as error:  # pragma: no cover - depends on the build
     if os.environ.get("FUSED_LORA_SKIP_EXT") == "1":

@@ -21,7 +21,8 @@ from fused_lora import philox
 from fused_lora.reference import lora_linear_reference
 
 try:
-    from fused_lora import _C, cpu_ops
+    from fused_lora import _C
+    from fused_lora.ops import cpu_ops
 except ImportError:  # pragma: no cover - depends on the build
     if os.environ.get("FUSED_LORA_SKIP_EXT") == "1":
         pytest.skip("fused_lora._C not built (FUSED_LORA_SKIP_EXT=1)", allow_module_level=True)
@@ -85,7 +86,8 @@ def _assert_matches(name, got, expected, rtol):
 
 _ISA_SCRIPT = """
     import sys, torch, fused_lora
-    from fused_lora import _C, cpu_ops
+    from fused_lora import _C
+    from fused_lora.ops import cpu_ops
     results = {}
     for T, K, N, r in %r:
         gen = torch.Generator().manual_seed(T + K)
@@ -166,13 +168,13 @@ def test_avx2_and_avx512_builds_give_the_same_bits(isa_results):
 
 @pytest.mark.parametrize("variable,value", [("FUSED_LORA_ISA", "sse9"), ("FUSED_LORA_PHILOX_ISA", "avx3")])
 def test_invalid_isa_variable_is_a_clear_error(variable, value):
-    done = _run_python("from fused_lora import cpu_ops", **{variable: value})
+    done = _run_python("from fused_lora.ops import cpu_ops", **{variable: value})
     assert done.returncode != 0
     assert "ValueError" in done.stderr and variable in done.stderr and value in done.stderr, done.stderr
 
 
 def test_invalid_cpu_path_variable_is_a_clear_error():
-    done = _run_python("import os; os.environ['FUSED_LORA_CPU_PATH'] = 'gpu'; from fused_lora import cpu_ops")
+    done = _run_python("import os; os.environ['FUSED_LORA_CPU_PATH'] = 'gpu'; from fused_lora.ops import cpu_ops")
     assert done.returncode != 0 and "FUSED_LORA_CPU_PATH" in done.stderr and "'gpu'" in done.stderr, done.stderr
 
 

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 import fused_lora
-from fused_lora.backends import backend_ops
+from fused_lora.ops.backends import backend_ops
 from fused_lora.kernels.dropout_mask import _keep_tile
 from fused_lora.philox import dropout_threshold, keep_mask_torch, philox4x32, random_uint16
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fused_lora import FusedLoRALinear
-from fused_lora.backends import _runs_on
+from fused_lora.ops.backends import _runs_on
 
 from tolerances import assert_close_scaled
 

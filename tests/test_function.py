@@ -6,7 +6,7 @@ import torch.utils.checkpoint
 
 import fused_lora
 from fused_lora import dropout_mask, fused_lora_linear, lora_linear_reference
-from fused_lora.backends import backend_name_for
+from fused_lora.ops.backends import backend_name_for
 from fused_lora.saved_tensors import saved_tensor_bytes
 
 from conftest import OUTPUT_NAMES, make_inputs, run_forward_backward
@@ -254,7 +254,7 @@ def test_memory_contract_saved_for_backward(device_backend, p):
     saved = saved_tensor_bytes(lambda: layer(x), exclude=layer.parameters())
     # x itself, xa (T, r) fp32, the seed, and for the triton backend's default "bits" mask
     # mode the packed keep mask: 1 bit per element of x.
-    bits = T * ((K + 7) // 8) if fused_lora.backends.saves_keep_bits(backend, p, x.dtype) else 0
+    bits = T * ((K + 7) // 8) if fused_lora.ops.backends.saves_keep_bits(backend, p, x.dtype) else 0
     limit = x.numel() * x.element_size() + T * r * 4 + bits + 64
     assert saved <= limit, f"saved {saved} bytes for backward, contract allows {limit}"
     # The saved state is really x itself (no copy) plus xa.

@@ -29,12 +29,12 @@ def test_source_checkout_imports_cheaply_and_runs_the_triton_kernels_without_the
         "import fused_lora\n"
         "assert 'torch' not in sys.modules, 'import fused_lora imported torch'\n"
         "assert set(fused_lora.__all__) <= set(dir(fused_lora))\n"
-        f"assert fused_lora.kernels.__file__ == {os.path.join(ROOT, 'kernels', '__init__.py')!r}, "
+        f"assert fused_lora.kernels.__file__ == {os.path.join(ROOT, 'kernels', 'triton', '__init__.py')!r}, "
         "fused_lora.kernels.__file__\n"
         "from fused_lora import *\n"
         "missing = [n for n in fused_lora.__all__ if n not in globals()]\n"
         "assert not missing, missing\n"
-        "assert 'fused_lora.custom_ops' in sys.modules  # loading the names registers the custom ops\n"
+        "assert 'fused_lora.ops.custom_ops' in sys.modules  # loading the names registers the custom ops\n"
         "import torch\n"
         "assert 'triton' in fused_lora.available_backends()\n"
         "g = torch.Generator().manual_seed(0)\n"
@@ -119,8 +119,8 @@ def test_install_layout_has_the_kernels_configs_and_license(tmp_path):
     assert result.returncode == 0, result.stderr
     for name in ("lora_fwd.py", "lora_bwd.py", "lora_shrink.py", "dropout_mask.py", "common.py"):
         assert (tmp_path / "fused_lora" / "kernels" / name).is_file(), name
-    configs = sorted(p.name for p in (tmp_path / "fused_lora" / "configs").iterdir())
-    assert configs == sorted(os.listdir(os.path.join(ROOT, "fused_lora", "configs"))) and len(configs) == 5
+    configs = sorted(p.name for p in (tmp_path / "fused_lora" / "memory" / "configs").iterdir())
+    assert configs == sorted(os.listdir(os.path.join(ROOT, "fused_lora", "memory", "configs"))) and len(configs) == 5
     with open(os.path.join(ROOT, "LICENSE")) as handle:
         text = handle.read()
     assert text.startswith("MIT License") and "fused_lora developers" in text

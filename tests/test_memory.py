@@ -124,7 +124,7 @@ def test_shipped_configs_count_the_published_parameters(name, hub_name, total, t
 
 
 def test_every_shipped_config_file_is_a_known_name():
-    files = sorted(f[:-len(".json")] for f in os.listdir(os.path.join(ROOT, "fused_lora", "configs")))
+    files = sorted(f[:-len(".json")] for f in os.listdir(os.path.join(ROOT, "fused_lora", "memory", "configs")))
     assert files == sorted(KNOWN_CONFIGS)
     for name in KNOWN_CONFIGS:
         assert known_config(name)["model_type"] and known_config(name.upper()) == known_config(name)

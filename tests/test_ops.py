@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import fused_lora
-from fused_lora import backends
-from fused_lora.backends import backend_ops
+from fused_lora.ops import backends
+from fused_lora.ops.backends import backend_ops
 from fused_lora.philox import keep_mask_torch
 
 from conftest import DEVICE_BACKENDS, make_inputs
@@ -135,15 +135,15 @@ def test_triton_tma_kernels(triton_ops, monkeypatch, T, K, N, r, p):
 def test_triton_hybrid_strategy(triton_ops, monkeypatch):
     # The cuBLAS hybrid (a Triton kernel writes the low-rank term, addmm_ adds the base GEMM).
     device = _triton_device()
-    original = triton_ops._gemm_candidates
+    original = triton_ops.tuning._gemm_candidates
 
     def hybrid_only(*args, **kwargs):
         if device.type == "cpu":
-            config = triton_ops.INTERPRETER_GEMM_CONFIG
+            config = triton_ops.tuning.INTERPRETER_GEMM_CONFIG
             return [("hybrid", "hybrid", config)]
         return [c for c in original(*args, **kwargs) if c[1] == "hybrid"]
 
-    monkeypatch.setattr(triton_ops, "_gemm_candidates", hybrid_only)
+    monkeypatch.setattr(triton_ops.tuning, "_gemm_candidates", hybrid_only)
     x, weight, bias, lora_A, lora_B = make_inputs(50, 40, 36, 5, torch.float32, device)
     dy = torch.randn(50, 36, device=device)
     got, _ = _run_all(triton_ops, x, weight, bias, lora_A, lora_B, dy, 3, 0.2, 1.5)

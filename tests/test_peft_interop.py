@@ -26,7 +26,7 @@ def set_backend(model, backend):
 @pytest.fixture
 def fused_calls(monkeypatch):
     """Records the arguments of every fused_lora_linear call that a converted PEFT module makes."""
-    import fused_lora.peft_interop as interop
+    import fused_lora.integrations.peft as interop
 
     calls = []
     original = interop.fused_lora_linear
@@ -164,7 +164,7 @@ def test_from_peft_matches_peft_outputs_and_all_gradients(device_backend, use_rs
     assert converted is peft_model
     from peft.tuners.lora import Linear as PeftLoraLinear
     layers = [m for m in converted.modules() if isinstance(m, PeftLoraLinear)]
-    assert len(layers) == 8 and all(type(m) is fused_lora.peft_interop.FusedPeftLinear for m in layers)
+    assert len(layers) == 8 and all(type(m) is fused_lora.integrations.peft.FusedPeftLinear for m in layers)
     assert converted.base_model.model.model.layers[0].self_attn.q_proj is q_proj  # the same module, same tensors
     assert q_proj.lora_A["default"].weight is lora_A_before
     assert [name for name, _ in converted.named_parameters()] == names_before

@@ -32,7 +32,7 @@ N_GRADS = reduction_length(tokens=token_batch().numel())
 @pytest.fixture
 def fused_calls(monkeypatch):
     """The adapters (lora_A tensors) of every fused_lora_linear call made by a converted PEFT module."""
-    import fused_lora.peft_interop as interop
+    import fused_lora.integrations.peft as interop
 
     calls = []
     original = interop.fused_lora_linear

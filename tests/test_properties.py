@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fused_lora import FusedLoRALinear, dropout_mask, fused_lora_linear, lora_linear_reference
-from fused_lora.backends import _runs_on
+from fused_lora.ops.backends import _runs_on
 
 from conftest import run_forward_backward
 from tolerances import assert_close_scaled, lora_reductions

@@ -60,7 +60,7 @@ def _saved_adapter(directory):
 
 
 def test_trainer_checkpoints_hold_the_adapter_and_resume_matches(tmp_path, monkeypatch):
-    import fused_lora.peft_interop as interop
+    import fused_lora.integrations.peft as interop
 
     calls = []
     original = interop.fused_lora_linear

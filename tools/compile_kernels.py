@@ -29,7 +29,7 @@ from fused_lora.kernels.lora_bwd import (_lora_bwd_da_kernel, _lora_bwd_dx_kerne
                                          _lora_bwd_dx_tma_kernel, _lora_bwd_dy_kernel, _sum_partials_kernel)
 from fused_lora.kernels.lora_fwd import _lora_fwd_kernel, _lora_fwd_tma_kernel  # noqa: E402
 from fused_lora.kernels.lora_shrink import _lora_shrink_kernel  # noqa: E402
-from fused_lora.triton_ops import TMA_MAX_RANK_BLOCK, TUNED_TMA, _da_config, _dy_config  # noqa: E402
+from fused_lora.ops.triton_ops.tuning import TMA_MAX_RANK_BLOCK, TUNED_TMA, _da_config, _dy_config  # noqa: E402
 
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
 ELEMENT_SIZE = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}

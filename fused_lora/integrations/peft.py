@@ -30,9 +30,9 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from .checks import HALF_DTYPES, SUPPORTED_DTYPES, check_dropout_p, check_rank, type_name
-from .functional import TRITON_MAX_RANK, fused_lora_linear
-from .layer import FusedLoRALinear, lora_scaling
+from ..checks import HALF_DTYPES, SUPPORTED_DTYPES, check_dropout_p, check_rank, type_name
+from ..functional import TRITON_MAX_RANK, fused_lora_linear
+from ..layer import FusedLoRALinear, lora_scaling
 
 ALL_LINEAR = "all-linear"
 
@@ -350,7 +350,7 @@ def from_peft(peft_model: nn.Module, *, backend: str | None = None) -> nn.Module
     if not isinstance(peft_model, nn.Module):
         raise TypeError(f"peft_model: expected a torch.nn.Module, got {type(peft_model).__name__}")
     if backend is not None:
-        from .backends import BACKEND_NAMES
+        from ..ops.backends import BACKEND_NAMES
         if backend not in BACKEND_NAMES:
             raise ValueError(f"backend: expected None or one of {BACKEND_NAMES}, got {backend!r}")
     lora_layer_type, peft_linear_type = _peft_lora_types()

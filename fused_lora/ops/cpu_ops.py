@@ -1,6 +1,6 @@
 """The "cpu" backend: the C++ extension ``fused_lora._C``, and ATen GEMMs where they win.
 
-Same interface as ``fused_lora.torch_ops`` (see there). Two paths, chosen per call
+Same interface as ``fused_lora.ops.torch_ops`` (see there). Two paths, chosen per call
 from the shapes, the dropout and the ISA level (``fused_path``), never from the
 machine's load or thread count:
 
@@ -32,8 +32,8 @@ import os
 
 import torch
 
-from . import _C  # type: ignore[attr-defined]
-from .philox import dropout_threshold
+from .. import _C  # type: ignore[attr-defined]
+from ..philox import dropout_threshold
 
 _ENV_ERROR = _C.isa_env_error()
 if _ENV_ERROR:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .philox import keep_mask_torch
+from ..philox import keep_mask_torch
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -3,7 +3,7 @@
 ``torch.library.custom_op`` makes each operation one opaque node in a compiled graph,
 with a fake implementation that only computes output shapes and dtypes (no data), as
 vLLM does for its LoRA kernels. The real implementation dispatches to the chosen
-backend (``fused_lora.torch_ops`` / ``cpu_ops`` / ``triton_ops``; same interface).
+backend (``fused_lora.ops.torch_ops`` / ``cpu_ops`` / ``triton_ops``; same interface).
 
 Eager calls do not come here: ``FusedLoRAFunction`` calls the backends directly
 (the dispatcher, autograd redispatch and schema checks cost more host time than a

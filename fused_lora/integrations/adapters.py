@@ -21,9 +21,9 @@ import os
 import torch
 import torch.nn as nn
 
-from .checks import SUPPORTED_DTYPES, is_finite_real, plain_number
-from .layer import FusedLoRALinear, lora_scaling
-from .peft_interop import lora_layers, matches_target, replace_linears, targeted_linears
+from ..checks import SUPPORTED_DTYPES, is_finite_real, plain_number
+from ..layer import FusedLoRALinear, lora_scaling
+from .peft import lora_layers, matches_target, replace_linears, targeted_linears
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"

@@ -12,7 +12,7 @@ for by name that cannot run the call is an error, never a silent fallback.
 On CPU, "never slower than the torch backend" is kept inside the cpu backend: per
 call it runs its fused C++ loops or an ATen path (the torch backend's GEMMs with
 the C++ Philox mask), by a rule measured on both ISA paths over a grid of shapes
-(``fused_lora.cpu_ops.fused_path``; ``python -m bench.cpu_dispatch``; README).
+(``fused_lora.ops.cpu_ops.fused_path``; ``python -m bench.cpu_dispatch``; README).
 The choice needs the call's shapes, which ``backend_name_for`` does not see, and it
 stays a function of the shapes, dropout and ISA level, never of the machine's load.
 """
@@ -66,7 +66,7 @@ def _triton_importable() -> bool:
 @functools.lru_cache(maxsize=None)
 def _cpu_extension():
     try:
-        from . import _C  # type: ignore[attr-defined]
+        from .. import _C  # type: ignore[attr-defined]
     except ImportError:
         return None
     return _C
@@ -135,7 +135,7 @@ def _warn_cpu_fallback() -> None:
         return
     _warned_cpu_fallback = True
     # Attribute the warning to the first caller outside this package.
-    package_dir = os.path.dirname(os.path.abspath(__file__))
+    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     frame, stacklevel = sys._getframe(0), 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package_dir):
         frame, stacklevel = frame.f_back, stacklevel + 1

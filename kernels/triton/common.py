@@ -1,7 +1,7 @@
 """@triton.jit helpers shared by the LoRA kernels (tile ordering, scalars, accumulators),
 and the config helpers: the block shapes each kernel may be launched with.
 
-Which config a call uses is decided by the launcher (``fused_lora/triton_ops.py``):
+Which config a call uses is decided by the launcher (``fused_lora/ops/triton_ops/tuning.py``):
 a heuristic default, or the fastest of a few candidates timed once per shape.
 """
 

@@ -19,7 +19,7 @@ What is counted, per training setup (activations are not: they depend on batch a
   adds ``r * (in_features + out_features)`` trainable parameters.
 
 ``--config`` takes a transformers config: a JSON file, a name from ``KNOWN_CONFIGS`` (shipped
-with the package in ``fused_lora/configs/``, so no network is needed), or a model in the local
+with the package in ``fused_lora/memory/configs/``, so no network is needed), or a model in the local
 Hugging Face cache (never downloaded). The model is built on the meta device, so nothing is
 allocated and only shapes are read. ``--params`` and ``--shape`` need neither torch nor
 transformers, and do not import them.
@@ -31,7 +31,6 @@ import argparse
 import json
 import numbers
 import os
-import sys
 from dataclasses import dataclass
 
 from .parameters import format_trainable_parameters
@@ -250,7 +249,7 @@ def count_lora_parameters(model, target_modules, r: int) -> int:
     The model is not changed. Raises ValueError when nothing matches (naming the model's
     linear layers) or when a matched module is not a linear layer.
     """
-    from .peft_interop import ALL_LINEAR, _check_target_modules, _output_layer_name, matches_target
+    from ..integrations.peft import ALL_LINEAR, _check_target_modules, _output_layer_name, matches_target
 
     r = _check_rank(r)
     targets = _check_target_modules(target_modules)
@@ -396,6 +395,3 @@ def main(argv: list[str] | None = None) -> int:
                  f"{args.config} ({type(model).__name__}), LoRA on {' '.join(targets)}"))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -33,7 +33,7 @@ mkdir -p "$site/fused_lora"
 for f in "$root"/fused_lora/*; do
     [ "$(basename "$f")" = "__pycache__" ] || ln -s "$f" "$site/fused_lora/"
 done
-ln -s "$root/kernels" "$site/fused_lora/kernels"
+ln -s "$root/kernels/triton" "$site/fused_lora/kernels"
 for d in tests bench tools; do ln -s "$root/$d" "$site/$d"; done
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 cd "$site"

@@ -1,7 +1,8 @@
 """Compile every Triton kernel ahead of time for a CUDA target and report its resources, no GPU needed.
 
     python tools/compile_kernels.py [--arch 90] [--dtypes bf16,fp16,fp32,fp64] [--ranks 16,64]
-                                    [--all-configs] [--check] [--only TEXT] [--jobs N] [--keep-going]
+                                    [--adapters fp32,x] [--cases bf16:16:fp32,...] [--all-configs]
+                                    [--check] [--only REGEX] [--jobs N] [--keep-going]
 
 Catches what the interpreter cannot: type errors of the real compiler, layouts
 that do not lower (tl.join / tl.reshape of the mask, the packed keep bits), fp64
@@ -49,6 +50,9 @@ from dataclasses import dataclass, field
 
 os.environ["TRITON_INTERPRET"] = "0"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# The checkout this file is in, not whatever fused_lora the interpreter would find first
+# (run as a script, sys.path[0] is tools/).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -58,6 +62,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from fused_lora.kernels import dropout_mask, lora_bwd, lora_fwd, lora_shrink  # noqa: E402
 from fused_lora.kernels.common import GemmConfig, rank_block  # noqa: E402
 from fused_lora.ops.triton_ops import tuning  # noqa: E402
+from fused_lora.ops.triton_ops.launch import _lora_precision  # noqa: E402
 from fused_lora.philox import dropout_threshold  # noqa: E402
 
 SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}
@@ -106,7 +111,8 @@ def gemm_choices(dtype: str, rank: int, mask):
     ``tuning._gemm_candidates`` over short and long inputs, with and without TMA."""
     tdtype = TORCH_DTYPES[dtype]
     block_r = rank_block(rank)
-    tma = dtype in ("fp16", "bf16") and block_r <= tuning.TMA_MAX_RANK_BLOCK
+    # TMA needs 16-byte rows: K % 8 == 0 for 16-bit inputs, so never the "seed-odd" mask
+    tma = dtype in ("fp16", "bf16") and block_r <= tuning.TMA_MAX_RANK_BLOCK and mask != "seed-odd"
     found = {}
     with sm90_device_facts() as device:
         for rows, tma_ok in itertools.product((64, T_REP), (True, False) if tma else (False,)):
@@ -115,12 +121,12 @@ def gemm_choices(dtype: str, rank: int, mask):
     return found
 
 
-def skinny_choices(name: str, dtype: str, rank: int, features: int):
+def skinny_choices(name: str, dtype: str, rank: int, features: int, lora_split: bool):
     """The distinct (BLOCK_M, BLOCK_X, warps, stages) a skinny pass's heuristic gives over T = 1 .. 64k."""
     heuristic = {"shrink": tuning._shrink_config, "dy": tuning._dy_config, "da": tuning._da_config}[name]
     size = TORCH_DTYPES[dtype].itemsize
     with sm90_device_facts() as device:
-        return list(dict.fromkeys(heuristic(2 ** e, features, rank, size, device) for e in range(17)))
+        return list(dict.fromkeys(heuristic(2 ** e, features, rank, size, device, lora_split) for e in range(17)))
 
 
 # ----------------------------------------------------------------------------- the variants
@@ -135,8 +141,9 @@ def _masks(dtype, tma=False):
     return masks
 
 
-def _mask_name(dropout, bits):
-    return ("bits" if bits else "seed") if dropout else None
+def _mask_name(dropout, bits, aligned=True):
+    """The mask mode as tuning names it: None, "bits", "seed" or "seed-odd" (K % 8 != 0)."""
+    return ("bits" if bits else "seed" if aligned else "seed-odd") if dropout else None
 
 
 def _dropout_args(dropout):
@@ -144,36 +151,39 @@ def _dropout_args(dropout):
                 dropout_scale_lo=0.0)
 
 
-def variants(dtypes, ranks, all_configs):
+def variants(cases, all_configs):
     """Every Variant to compile: what the launchers can pick (default=True), and with
     ``all_configs`` every GEMM config of the tables (default=False unless it can be picked)."""
     from fused_lora.kernels.common import POINTER_GEMM_CONFIGS, TMA_GEMM_CONFIGS
 
     T, K, N = T_REP, K_REP, N_REP
-    for dtype, rank in itertools.product(dtypes, ranks):
+    for dtype, rank, adapters_are in cases:
         R = rank
         block_r = rank_block(R)
         acc = "fp64" if dtype == "fp64" else "fp32"
-        adapter = acc  # PEFT's default: fp32 adapters on 16-bit bases
+        adapter = acc if adapters_are == "fp32" else dtype  # fp32: PEFT's default on 16-bit bases
         precision = "ieee" if dtype == "fp64" else ("tf32" if dtype != "fp32" else "ieee")
-        common = dict(IS_FP64=dtype == "fp64", INPUT_PRECISION=precision)
-        tag = f"{dtype} r={rank}"
+        lora = _lora_precision(TORCH_DTYPES[dtype], TORCH_DTYPES[adapter])
+        gemm_lora = _lora_precision(TORCH_DTYPES[dtype], TORCH_DTYPES[adapter], gemm=True)
+        common = dict(lora, IS_FP64=dtype == "fp64")  # the skinny passes
+        gemm_common = dict(gemm_lora, IS_FP64=dtype == "fp64", INPUT_PRECISION=precision)  # pointer GEMMs
+        tag = f"{dtype} r={rank}" + (f" {adapter} adapters" if dtype in ("fp16", "bf16") else "")
         is_16bit = dtype in ("fp16", "bf16")
         x, w, a, xa, u8, i64 = ("ptr", dtype), ("ptr", dtype), ("ptr", adapter), ("ptr", acc), ("ptr", "u8"), ("ptr", "i64")
 
-        for block_m, block_k, warps, stages in skinny_choices("shrink", dtype, R, K):
-            for dropout, bits, aligned in _masks(dtype):
+        for dropout, bits, aligned in _masks(dtype):
+            for block_m, block_k, warps, stages in skinny_choices("shrink", dtype, R, K if aligned else K - 1, lora["LORA_SPLIT"]):
                 yield Variant(
-                    f"shrink[{block_m}x{block_k}] {tag} mask={_mask_name(dropout, bits)} K%8={'0' if aligned else 'odd'}",
+                    f"shrink[{block_m}x{block_k}-w{warps}-s{stages}] {tag} mask={_mask_name(dropout, bits, aligned)}",
                     "_lora_shrink_kernel",
                     dict(x_ptr=x, a_ptr=a, xa_ptr=xa, seed_ptr=i64, bits_ptr=u8, T=T, K=K if aligned else K - 1, R=R,
-                         stride_xm=K, stride_xk=1, stride_ar=K, stride_ak=1, stride_xam=R, stride_xar=1,
-                         stride_bits=triton.cdiv(K, 8), **_dropout_args(dropout)),
+                         k_per_split=K // 2, stride_xm=K, stride_xk=1, stride_ar=K, stride_ak=1, stride_xas=T * R,
+                         stride_xam=R, stride_xar=1, stride_bits=triton.cdiv(K, 8), **_dropout_args(dropout)),
                     dict(common, HAS_DROPOUT=dropout, STORE_BITS=bits, K_ALIGNED=aligned, BLOCK_M=block_m,
                          BLOCK_K=block_k, BLOCK_R=block_r), dict(num_warps=warps, num_stages=stages))
 
-        for block_m, block_n, warps, stages in skinny_choices("dy", dtype, R, N):
-            yield Variant(f"bwd_dy[{block_m}x{block_n}] {tag}", "_lora_bwd_dy_kernel",
+        for block_m, block_n, warps, stages in skinny_choices("dy", dtype, R, N, lora["LORA_SPLIT"]):
+            yield Variant(f"bwd_dy[{block_m}x{block_n}-w{warps}-s{stages}] {tag}", "_lora_bwd_dy_kernel",
                           dict(dy_ptr=x, b_ptr=a, xa_ptr=xa, dxa_ptr=xa, db_ptr=xa, T=T, N=N, R=R, rows_per_split=T // 8,
                                stride_dym=N, stride_dyn=1, stride_bn=R, stride_br=1, stride_xam=R, stride_xar=1,
                                stride_dxas=T * R, stride_dxam=R, stride_dxar=1, stride_dbs=N * R, stride_dbn=R,
@@ -185,10 +195,10 @@ def variants(dtypes, ranks, all_configs):
                           dict(partial_ptr=xa, out_ptr=("ptr", out), S=8, M=T * R, stride_s=T * R, scale_hi=1.0,
                                scale_lo=0.0),
                           dict(IS_FP64=dtype == "fp64", BLOCK=1024), dict(num_warps=4))
-        for block_m, block_k, warps, stages in skinny_choices("da", dtype, R, K):
-            for dropout, bits, aligned in _masks(dtype):
+        for dropout, bits, aligned in _masks(dtype):
+            for block_m, block_k, warps, stages in skinny_choices("da", dtype, R, K if aligned else K - 1, lora["LORA_SPLIT"]):
                 yield Variant(
-                    f"bwd_da[{block_m}x{block_k}] {tag} mask={_mask_name(dropout, bits)} K%8={'0' if aligned else 'odd'}",
+                    f"bwd_da[{block_m}x{block_k}-w{warps}-s{stages}] {tag} mask={_mask_name(dropout, bits, aligned)}",
                     "_lora_bwd_da_kernel",
                     dict(dxa_ptr=xa, x_ptr=x, da_partial_ptr=xa, seed_ptr=i64, bits_ptr=u8, T=T,
                          K=K if aligned else K - 1, R=R, rows_per_split=T // 8, stride_dxam=R, stride_dxar=1,
@@ -199,7 +209,7 @@ def variants(dtypes, ranks, all_configs):
 
         # The two GEMMs: every config a launcher can use, or with --all-configs every config.
         forward = gemm_choices(dtype, R, None)
-        dx = {mask: gemm_choices(dtype, R, mask) for mask in (None, "bits", "seed")}
+        dx = {mask: gemm_choices(dtype, R, mask) for mask in (None, "bits", "seed", "seed-odd")}
         pointer_configs = {c for (kind, c) in itertools.chain(forward, *dx.values()) if kind != "tma"}
         tma_configs = {c for (kind, c) in itertools.chain(forward, *dx.values()) if kind == "tma"}
         pointer_all = POINTER_GEMM_CONFIGS if all_configs else [c for c in POINTER_GEMM_CONFIGS if c in pointer_configs]
@@ -211,20 +221,20 @@ def variants(dtypes, ranks, all_configs):
                           dict(x_ptr=x, w_ptr=w, bias_ptr=x, xa_ptr=xa, b_ptr=a, y_ptr=x, T=T, N=N, K=K, R=R,
                                stride_xm=K, stride_xk=1, stride_wn=K, stride_wk=1, stride_xam=R, stride_xar=1,
                                stride_bn=R, stride_br=1, stride_ym=N, stride_yn=1, scaling_hi=2.0, scaling_lo=0.0),
-                          dict(common, HAS_BIAS=True, BLOCK_R=block_r, **blocks), options, picked)
+                          dict(gemm_common, HAS_BIAS=True, BLOCK_R=block_r, **blocks), options, picked)
             dx_blocks = dict(BLOCK_M=config.BLOCK_M, BLOCK_K=config.BLOCK_N, BLOCK_N=config.BLOCK_K, GROUP_M=config.GROUP_M)
             for dropout, bits, aligned in _masks(dtype):
-                mask = _mask_name(dropout, bits)
+                mask = _mask_name(dropout, bits, aligned)
                 picked = any(kind != "tma" and c == config for (kind, c) in dx[mask])
                 k = K if aligned else K - 1
-                yield Variant(f"bwd_dx[{config.label()}] {tag} mask={mask} K%8={'0' if aligned else 'odd'}",
+                yield Variant(f"bwd_dx[{config.label()}] {tag} mask={mask}",
                               "_lora_bwd_dx_kernel",
                               dict(dy_ptr=x, w_ptr=w, dxa_ptr=xa, a_ptr=a, dx_ptr=x, seed_ptr=i64, bits_ptr=u8, T=T, N=N,
                                    K=k, R=R, stride_dym=N, stride_dyn=1, stride_wn=k, stride_wk=1, stride_dxam=R,
                                    stride_dxar=1, stride_ar=k, stride_ak=1, stride_dxm=k, stride_dxk=1,
                                    stride_bits=triton.cdiv(k, 8), scaling_hi=2.0, scaling_lo=0.0,
                                    **_dropout_args(dropout)),
-                              dict(common, HAS_DROPOUT=dropout, MASK_FROM_BITS=bits, K_ALIGNED=aligned,
+                              dict(gemm_common, HAS_DROPOUT=dropout, MASK_FROM_BITS=bits, K_ALIGNED=aligned,
                                    BLOCK_R=block_r, **dx_blocks), options, picked)
 
         if not is_16bit:
@@ -233,17 +243,17 @@ def variants(dtypes, ranks, all_configs):
         for config in tma_all:
             if block_r > tuning.TMA_MAX_RANK_BLOCK and not all_configs:
                 continue
-            yield from tma_variants(config, dtype, R, tag, forward, dx)
+            yield from tma_variants(config, dtype, adapter, R, tag, forward, dx, gemm_lora)
 
 
-def tma_variants(config: GemmConfig, dtype, R, tag, forward, dx):
+def tma_variants(config: GemmConfig, dtype, adapter, R, tag, forward, dx, gemm_lora):
     """The persistent TMA kernels with one config (forward, and dx for each mask mode)."""
     T, K, N = T_REP, K_REP, N_REP
     block_r = rank_block(R)
-    acc = adapter = "fp32"
+    acc = "fp32"
     options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-    flags = dict(GROUP_M=config.GROUP_M, NUM_PROGRAMS=SMS, EPILOGUE_SUBTILE=config.EPILOGUE_SUBTILE,
-                 WARP_SPECIALIZE=config.WARP_SPECIALIZE, BLOCK_R=block_r)
+    flags = dict(gemm_lora, GROUP_M=config.GROUP_M, EPILOGUE_SUBTILE=config.EPILOGUE_SUBTILE,
+                 WARP_SPECIALIZE=config.WARP_SPECIALIZE, FLATTEN=config.flatten(9), BLOCK_R=block_r)
     store_n = config.BLOCK_N // 2 if config.EPILOGUE_SUBTILE else config.BLOCK_N
     desc = lambda shape, block: ("desc", dtype, shape, (shape[1], 1), block)  # noqa: E731
     picked = ("tma", config) in forward
@@ -252,7 +262,7 @@ def tma_variants(config: GemmConfig, dtype, R, tag, forward, dx):
                        w_desc=desc((N, K), (config.BLOCK_N, config.BLOCK_K)),
                        y_desc=desc((T, N), (config.BLOCK_M, store_n)),
                        bias_ptr=("ptr", dtype), xa_ptr=("ptr", acc), b_ptr=("ptr", adapter), T=T, N=N, K=K, R=R,
-                       stride_xam=R, stride_xar=1, stride_bn=R, stride_br=1, scaling=2.0),
+                       stride_xam=R, stride_xar=1, stride_bn=R, stride_br=1, scaling=2.0, num_programs=SMS),
                   dict(flags, HAS_BIAS=True, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K),
                   options, picked)
     for dropout, bits, aligned in _masks(dtype, tma=True):
@@ -265,7 +275,7 @@ def tma_variants(config: GemmConfig, dtype, R, tag, forward, dx):
                            dxa_ptr=("ptr", acc), a_ptr=("ptr", adapter), seed_ptr=("ptr", "i64"), bits_ptr=("ptr", "u8"),
                            T=T, N=N, K=K, R=R, stride_dxam=R, stride_dxar=1, stride_ar=K, stride_ak=1,
                            stride_bits=K // 8, scaling=2.0, threshold=dropout_threshold(P_REP if dropout else 0.0),
-                           dropout_scale=1 / (1 - P_REP) if dropout else 1.0),
+                           dropout_scale=1 / (1 - P_REP) if dropout else 1.0, num_programs=SMS),
                       dict(flags, HAS_DROPOUT=dropout, MASK_FROM_BITS=bits, K_ALIGNED=aligned, BLOCK_M=config.BLOCK_M,
                            BLOCK_N=config.BLOCK_K, BLOCK_K=config.BLOCK_N), options, picked)
 
@@ -396,24 +406,36 @@ def main(argv=None):
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--dtypes", default="bf16,fp16,fp32,fp64", help="comma-separated input dtypes")
     parser.add_argument("--ranks", default="16,64", help="comma-separated LoRA ranks")
+    parser.add_argument("--adapters", default="fp32,x", help="adapter dtypes on 16-bit inputs: fp32 (PEFT's "
+                        "default) and/or x (the input's dtype)")
+    parser.add_argument("--cases", default="", help="instead of the product of the three above: comma-separated "
+                        "DTYPE:RANK:ADAPTERS, e.g. bf16:16:fp32,fp32:64:fp32")
     parser.add_argument("--all-configs", action="store_true", help="every GEMM config of the tables, not only "
                         "those a launcher can pick (those are reported, never checked)")
     parser.add_argument("--check", action="store_true", help="fail if a default variant spills or needs more "
                         "shared memory than the target has")
-    parser.add_argument("--only", default="", help="compile only variants whose label contains this")
+    parser.add_argument("--only", default="", help="compile only variants whose label matches this regular "
+                        "expression (re.search)")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compilations at once")
     parser.add_argument("--keep-going", action="store_true", help="report every failure, not only the first")
     args = parser.parse_args(argv)
     if args.arch not in SHARED_MEMORY_LIMIT:
         parser.error(f"--arch: one of {sorted(SHARED_MEMORY_LIMIT)}, not {args.arch}")
     limit = SHARED_MEMORY_LIMIT[args.arch]
-    dtypes = args.dtypes.split(",")
-    for dtype in dtypes:
-        if dtype not in ("fp16", "bf16", "fp32", "fp64"):
-            parser.error(f"--dtypes: fp16, bf16, fp32 or fp64, not {dtype!r}")
-    ranks = [int(r) for r in args.ranks.split(",")]
-    todo = [v for v in itertools.chain(variants(dtypes, ranks, args.all_configs), mask_variants())
-            if args.only in v.label]
+    if args.cases:
+        cases = [tuple(case.split(":")) for case in args.cases.split(",")]
+    else:
+        cases = [(d, r, a) for d, r, a in itertools.product(args.dtypes.split(","), args.ranks.split(","),
+                                                            args.adapters.split(","))
+                 if not (a == "x" and d in ("fp32", "fp64"))]  # fp32 / fp64 inputs: "x" is "fp32"
+    for case in cases:
+        if len(case) != 3 or case[0] not in ("fp16", "bf16", "fp32", "fp64") or not case[1].isdigit() \
+                or case[2] not in ("fp32", "x"):
+            parser.error(f"a case is DTYPE:RANK:ADAPTERS with DTYPE in fp16, bf16, fp32, fp64 and ADAPTERS "
+                         f"fp32 or x, not {':'.join(case)!r}")
+    cases = [(d, int(r), a) for d, r, a in cases]
+    todo = [v for v in itertools.chain(variants(cases, args.all_configs), mask_variants())
+            if re.search(args.only, v.label) and (v.default or args.all_configs)]
     seen, unique = set(), []
     for v in todo:  # the same kernel and config from two dtypes' lists (sum_partials) once
         key = (v.kernel, json.dumps(v.args, default=str, sort_keys=True), json.dumps(v.constexprs, sort_keys=True),

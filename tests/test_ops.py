@@ -312,3 +312,42 @@ def test_triton_shrink_split_over_K_matches_one_pass(triton_ops, monkeypatch, p)
                         dtype=torch.float32)
     if p > 0:
         assert torch.equal(triton_ops.unpack_keep_bits(bits, K).cpu(), fused_lora.dropout_mask(9, T, K, p))
+
+
+@pytest.mark.parametrize("index,flatten", [(3, False), (5, False), (1, True)])
+def test_triton_warp_specialised_tma_configs_do_not_flatten_on_sm90(triton_ops, monkeypatch, index, flatten):
+    # Triton's persistent-matmul tutorial turns the loop flattening off for warp
+    # specialisation on Hopper; the launcher derives FLATTEN from the config and the GPU.
+    from fused_lora.kernels.common import TMA_GEMM_CONFIGS, GemmConfig
+    from fused_lora.ops.triton_ops import plans
+
+    device = _triton_device()
+    if device.type == "cpu":
+        monkeypatch.setenv("FUSED_LORA_FORCE_TMA", "1")
+    elif torch.cuda.get_device_capability(device)[0] != 9:
+        pytest.skip("the rule is for sm_90")
+    config = TMA_GEMM_CONFIGS[index]
+    if device.type == "cpu":  # the interpreter's tile shape, the config's loop flags
+        config = GemmConfig(32, 32, 32, GROUP_M=4, num_stages=1, num_warps=4, EPILOGUE_SUBTILE=config.EPILOGUE_SUBTILE,
+                            WARP_SPECIALIZE=config.WARP_SPECIALIZE, FLATTEN=config.FLATTEN)
+    monkeypatch.setattr(triton_ops.tuning, "_gemm_candidates",
+                        lambda *args, **kwargs: [("tma:" + config.label(), "tma", config)])
+    launches = []
+    original = plans._Launch.__call__
+
+    def record(self, *args):
+        launches.append((self.fn.__name__, self.constexprs))
+        return original(self, *args)
+
+    monkeypatch.setattr(plans._Launch, "__call__", record)
+    T, K, N, r = 40, 48, 32, 4
+    x, weight, bias, lora_A, lora_B = make_inputs(T, K, N, r, torch.float16, device)
+    dy = torch.randn(T, N, device=device).half()
+    got, _ = _run_all(triton_ops, x, weight, bias, lora_A, lora_B, dy, 3, 0.2, 0.5)
+    tma = {name: c for name, c in launches if name in ("_lora_fwd_tma_kernel", "_lora_bwd_dx_tma_kernel")}
+    assert len(tma) == 2 and all(c["FLATTEN"] is flatten and c["WARP_SPECIALIZE"] is config.WARP_SPECIALIZE
+                                 for c in tma.values()), tma
+    want = _expected(x, weight, bias, lora_A, lora_B, dy, 3, 0.2, 0.5)
+    n = lora_reductions(T, K, N, r)
+    for name in ("y", "dx"):
+        assert_close_scaled(name, got[name].double(), want[name], n[name], dtype=torch.float16)

@@ -321,8 +321,16 @@ def jit_specialisation(kernel, args: dict, constexprs: dict, options: dict, back
         raise TypeError(f"{kernel.__name__}: no representative value for {missing}")
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, opts = binder(**{n: _argument(v) for n, v in args.items()}, **kwargs)
-    parsed, signature, constants, attrs = kernel._pack_args(backend, kwargs, bound, specialization, opts)
-    return signature, constants, attrs, parsed
+    if hasattr(kernel, "_pack_args"):  # Triton 3.9: exactly what run() does next
+        parsed, signature, constants, attrs = kernel._pack_args(backend, kwargs, bound, specialization, opts)
+        return signature, constants, attrs, parsed
+    # Other versions: the same steps (flat arguments only; these kernels take no tuples).
+    names = [p.name for p in kernel.params]
+    signature = {name: spec[0] for name, spec in zip(names, specialization)}
+    constants = {(i,): bound[name] for i, name in enumerate(names) if signature[name] == "constexpr"}
+    values = ["" if spec[0] == "constexpr" else spec[1] for spec in specialization]
+    attrs = {(i,): backend.parse_attr(value) for i, value in enumerate(values) if isinstance(value, str)}
+    return signature, constants, attrs, backend.parse_options(kwargs)
 
 
 PTXAS_LINE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")

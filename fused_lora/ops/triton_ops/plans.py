@@ -117,12 +117,14 @@ def _descriptor_factory(tensor, shape, strides, block_shape):
     """A function tensor -> TensorDescriptor with this geometry (validated once, here).
 
     NOTE: TensorDescriptor's constructor re-validates every field (a few microseconds);
-    a plan builds one template and only swaps the base tensor per call.
+    a plan builds one template and only swaps the base tensor per call. The template's
+    base is dropped: a plan outlives its call, and must not keep that call's tensors alive.
     """
     template = TensorDescriptor(tensor, list(shape), list(strides), list(block_shape))
     if not hasattr(template, "__dict__"):
         return lambda t: TensorDescriptor(t, list(shape), list(strides), list(block_shape))
     fields = dict(template.__dict__)
+    del fields["base"]
     cls = type(template)
 
     def make(t):

@@ -209,7 +209,7 @@ def test_triton_out_of_range_scaling_is_refused_not_garbled(triton_ops):
         triton_ops.lora_forward(x, weight, bias, lora_B, xa, 1e39)
 
 
-@pytest.mark.parametrize("path", ["tma", "pointer", "hybrid"])
+@pytest.mark.parametrize("path", ["tma", "pointer", "hybrid", "timed"])
 def test_triton_caches_keep_no_user_tensor_alive(triton_ops, monkeypatch, path):
     # Every new T builds plans (and, the first time per shape class, tries or times the
     # candidates); none of that may keep the call's x and dy, or a deleted layer's
@@ -229,7 +229,9 @@ def test_triton_caches_keep_no_user_tensor_alive(triton_ops, monkeypatch, path):
         monkeypatch.setattr(triton_ops.tuning, "_gemm_candidates", lambda *args, **kwargs: [
             c for c in original(*args, **kwargs) if c[1] == "hybrid"] or [
             ("hybrid", "hybrid", triton_ops.tuning.INTERPRETER_GEMM_CONFIG)])
-    timing = contextlib.nullcontext()
+    timing = triton_ops.timing_runs() if path == "timed" else contextlib.nullcontext()
+    if path == "timed" and device.type == "cpu":  # one interpreted run per candidate is enough here
+        monkeypatch.setattr(triton_ops.tuning, "_time_ms", lambda fn, device: (fn(), 1.0)[1])
     layer = fused_lora.FusedLoRALinear(32, 48, r=4, lora_dropout=0.1, device=device, dtype=dtype)
     layer.backend = "triton"
     refs = {name: weakref.ref(t) for name, t in layer.named_parameters()}
@@ -244,6 +246,8 @@ def test_triton_caches_keep_no_user_tensor_alive(triton_ops, monkeypatch, path):
     plans = list(triton_ops._FORWARD_PLANS.plans.values()) + list(triton_ops._BACKWARD_PLANS.plans.values())
     expected = {"tma": "tma:", "timed": "", "pointer": "pointer:", "hybrid": "hybrid"}[path]
     assert all((getattr(plan, "label", None) or plan.dx_label).startswith(expected) for plan in plans)
+    if path == "timed":
+        assert any(r["source"] == "timed" for r in triton_ops.tuning_report().values())
     del layer
     gc.collect()
     alive = [name for name, ref in refs.items() if ref() is not None]

@@ -62,6 +62,7 @@ def clear_plans() -> None:
     for cache in (_SHRINK_PLANS, _FORWARD_PLANS, _BACKWARD_PLANS):
         cache.clear()
     tuning._TUNED.clear()
+    tuning._REPORT.clear()
 
 
 def plan_count() -> int:
@@ -287,12 +288,12 @@ class _BackwardPlan:
                       tuning._shape_class(T))
             dx_args = dict(threshold=threshold, dscale=(dscale_hi, dscale_lo), scaling=(scaling_hi, scaling_lo),
                            has_dropout=has_dropout, from_bits=from_bits, precision=precision, block_r=block_r)
-            seed_dummy = torch.zeros((), dtype=torch.int64, device=device)
-            bits_dummy = torch.ones((T, triton.cdiv(K, 8)), dtype=torch.uint8, device=device) if from_bits else None
-            dxa_dummy = torch.zeros((T, R), dtype=self.acc_dtype, device=device)
+            acc_dtype = self.acc_dtype
 
-            def run_args():
-                return (dy, weight, dxa_dummy, lora_A, seed_dummy, bits_dummy,
+            def run_args():  # called only where a candidate must run (tuning._choose)
+                bits = torch.ones((T, triton.cdiv(K, 8)), dtype=torch.uint8, device=device) if from_bits else None
+                return (dy, weight, torch.zeros((T, R), dtype=acc_dtype, device=device), lora_A,
+                        torch.zeros((), dtype=torch.int64, device=device), bits,
                         torch.empty((T, K), dtype=dtype, device=device))
 
             self.dx_args = dx_args

@@ -160,6 +160,16 @@ def test_out_of_memory_while_timing_stops_the_timing_and_keeps_the_default(ops, 
     assert "hungry" in calls and "pointer" not in calls, f"timing went on after running out of memory: {calls}"
 
 
+def test_out_of_memory_in_the_first_trial_reaches_the_caller_as_out_of_memory(ops, monkeypatch):
+    # Not "no GEMM strategy could run": the default stays the choice (untried), and its own
+    # out-of-memory error is what the step raises.
+    _inject(monkeypatch, ops, {"hungry": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64 MiB")})
+    with pytest.warns(RuntimeWarning, match="out of memory while running hungry.*hungry is used, untried"), \
+            pytest.raises(torch.OutOfMemoryError):
+        _layer_call(ops)
+    assert _report_by_op(ops)["forward"]["choice"] == "hungry"
+
+
 def test_timing_keeps_the_fastest_and_records_every_time(ops, monkeypatch):
     _inject(monkeypatch, ops, {"slow": None})
     from fused_lora.ops.triton_ops import tuning

@@ -98,8 +98,10 @@ def read(file: str) -> dict | None:
     """The parsed file (None when there is none); re-read only when it changed on disk."""
     try:
         stat = os.stat(file)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as error:
+        raise _invalid(file, f"{type(error).__name__}: {error}") from None
     stamp = (stat.st_mtime_ns, stat.st_size)
     with _LOCK:
         cached = _CACHE.get(file)

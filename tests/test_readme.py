@@ -30,7 +30,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 MAX_LINES = 250
-QUICK_START_BY_LINE = 45  # a newcomer reaches the PEFT quick start within this many lines
+QUICK_START_BY_LINE = 50  # a newcomer reaches the PEFT quick start within this many lines (now at 44)
 RUN_COMMANDS = ("python", "fused-lora-memory")
 
 

@@ -12,7 +12,7 @@ for by name that cannot run the call is an error, never a silent fallback.
 On CPU, "never slower than the torch backend" is kept inside the cpu backend: per
 call it runs its fused C++ loops or an ATen path (the torch backend's GEMMs with
 the C++ Philox mask), by a rule measured on both ISA paths over a grid of shapes
-(``fused_lora.ops.cpu_ops.fused_path``; ``python -m bench.cpu_dispatch``; README).
+(``fused_lora.ops.cpu_ops.fused_path``; ``python -m bench.cpu_dispatch``; docs/design.md, docs/benchmarks.md).
 The choice needs the call's shapes, which ``backend_name_for`` does not see, and it
 stays a function of the shapes, dropout and ISA level, never of the machine's load.
 """

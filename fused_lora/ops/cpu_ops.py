@@ -50,7 +50,7 @@ if PATH not in PATHS:
 # NOTE: the rule of fused_path, from python -m bench.cpu_dispatch (fwd+bwd of both paths and of
 # the torch backend, interleaved, 1 thread, T in {1, 16, 128, 4096}, K = N in {64, 256, 2048},
 # r in {4, 16, 32, 64, 128, 256}, p in {0, 0.1}) on an Intel Xeon, on its avx512 path and on the
-# forced avx2 path (MKL and ATen at AVX2 too); bench/results/cpu-dispatch-*.csv, README:
+# forced avx2 path (MKL and ATen at AVX2 too); bench/results/cpu-dispatch-*.csv, docs/benchmarks.md:
 # * tiny jobs (r (K + N) < 2**15 adapter elements and T r (K + N) <= 2**21): the fused path's
 #   fewer ops win at any rank (up to 1.4x);
 # * fewer rows than the rank on larger adapters: packing r (K + N) elements per call costs more

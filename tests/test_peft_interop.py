@@ -270,3 +270,81 @@ def test_converted_model_pickles_and_deep_copies(tmp_path, fused_calls):
 def test_public_names():
     for name in ("apply_lora", "from_peft", "save_adapter", "load_adapter", "print_trainable_parameters"):
         assert callable(getattr(fused_lora, name)), name
+
+
+# --------------------------------------------------------------------------- what apply_lora refuses or skips
+
+class _Half(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+def test_apply_lora_refuses_subclass_forwards_and_hooks():
+    # The issue's reproducer: before, apply_lora dropped both, and the output moved by 100.
+    torch.manual_seed(0)
+    model = nn.Sequential(_Half(8, 8), nn.Linear(8, 8))
+    model[1].register_forward_hook(lambda module, args, out: out + 100)
+    x = torch.randn(3, 8)
+    before = model(x)
+    with pytest.raises(ValueError, match=r"target_modules: module '0' is a .*_Half, a subclass of torch.nn.Linear "
+                                         r"with its own forward"):
+        apply_lora(model, ["0", "1"], r=2)
+    with pytest.raises(ValueError, match=r"target_modules: module '1' has 1 forward hooks"):
+        apply_lora(model, ["1"], r=2)
+    assert type(model[0]) is _Half and type(model[1]) is nn.Linear and model[1].weight.requires_grad
+    assert torch.equal(model(x), before)
+
+
+class _Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.block = nn.TransformerEncoderLayer(16, 2, dim_feedforward=24, batch_first=True)
+        self.hooked = nn.Linear(16, 16)
+        self.hooked.register_forward_pre_hook(lambda module, args: None)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.attention(x, x, x, need_weights=False)[0]
+        return self.head(self.hooked(self.block(x)))
+
+
+def test_weights_read_by_the_parent_are_refused_by_name_and_skipped_by_all_linear():
+    model = _Encoder()
+    with pytest.raises(ValueError, match=r"module 'attention.out_proj' is read directly by its parent "
+                                         r"MultiheadAttention .*would get no gradient"):
+        apply_lora(model, ["out_proj"])
+    with pytest.raises(ValueError, match=r"module 'block.linear1' is read directly by its parent "
+                                         r"TransformerEncoderLayer"):
+        apply_lora(model, r"block\.linear\d")
+    # Before: all-linear took block.linear1 and block.linear2, which the layer's inference fast
+    # path reads as weights (the adapter would change nothing there).
+    apply_lora(model, "all-linear", r=2)
+    assert sorted(n for n, m in model.named_modules() if isinstance(m, FusedLoRALinear)) == ["head"]
+    assert type(model.block.linear1) is nn.Linear and type(model.hooked) is nn.Linear
+
+
+def test_a_fused_layer_where_the_parent_reads_the_weight_would_do_nothing():
+    """Why the rule above: a FusedLoRALinear put there by hand gets no gradient and changes no output."""
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(16, 2, batch_first=True)
+    x = torch.randn(2, 5, 16)
+    before = attention(x, x, x, need_weights=False)[0]
+    layer = FusedLoRALinear.from_linear(attention.out_proj, r=2)
+    nn.init.normal_(layer.lora_B)
+    attention.out_proj = layer
+    y = attention(x, x, x, need_weights=False)[0]
+    assert torch.equal(y, before)
+    y.sum().backward()
+    assert layer.lora_A.grad is None and layer.lora_B.grad is None
+
+
+def test_apply_lora_adapter_dtype():
+    model = apply_lora(tiny_llama().to(torch.bfloat16), ["q_proj"], r=2)
+    assert model.model.layers[0].self_attn.q_proj.lora_A.dtype == torch.float32
+    model = apply_lora(tiny_llama().to(torch.bfloat16), ["q_proj"], r=2, adapter_dtype=torch.bfloat16)
+    assert model.model.layers[0].self_attn.q_proj.lora_B.dtype == torch.bfloat16
+    model = tiny_llama()
+    with pytest.raises(TypeError, match="adapter_dtype"):
+        apply_lora(model, ["q_proj"], adapter_dtype=torch.float16)
+    assert not any(isinstance(m, FusedLoRALinear) for m in model.modules())

@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from ..checks import HALF_DTYPES, SUPPORTED_DTYPES, check_dropout_p, check_rank, type_name
 from ..functional import TRITON_MAX_RANK, fused_lora_linear
-from ..layer import FusedLoRALinear, lora_scaling
+from ..layer import FusedLoRALinear, check_adapter_dtype, linear_problem, lora_scaling
 
 ALL_LINEAR = "all-linear"
 
@@ -92,14 +92,21 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float = 8,
-               lora_dropout: float = 0.0, use_rslora: bool = False) -> nn.Module:
+               lora_dropout: float = 0.0, use_rslora: bool = False, adapter_dtype=None) -> nn.Module:
     """Replace the targeted ``nn.Linear`` layers by FusedLoRALinear, freeze everything else; returns ``model``.
 
     The new layers reuse (and freeze) the linear layers' weight and bias tensors;
     ``lora_A`` and ``lora_B`` are the only trainable parameters afterwards (A
     kaiming-uniform, B zeros, so the model computes what it did before).
-    Raises ValueError when nothing matches (listing the module names seen), or when a
-    matched module is not a plain floating-point ``nn.Linear``; then the model is unchanged.
+    ``adapter_dtype``: None (PEFT's default: fp32 adapters on fp16/bf16 layers, else the
+    layer's dtype), or a dtype the fused op takes (the layer's, or fp32 on fp16/bf16).
+
+    Only linear layers that a FusedLoRALinear computes faithfully are replaced
+    (``targeted_linears``): a named target with its own forward (an ``nn.Linear``
+    subclass, a patched forward), hooks, a quantised weight, or whose parent reads its
+    weight directly (``nn.MultiheadAttention.out_proj``) is a ValueError naming the module
+    and the reason; ``"all-linear"`` skips such layers. Raises ValueError when nothing
+    matches (listing the module names seen); on any error the model is unchanged.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -109,21 +116,57 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float =
     if not isinstance(use_rslora, bool):
         raise TypeError(f"use_rslora: expected a bool, got {type_name(use_rslora)}")
     chosen = targeted_linears(model, target_modules)
-    replace_linears(model, chosen, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
+    for name in chosen:  # checks adapter_dtype against every layer before anything changes
+        check_adapter_dtype(adapter_dtype, model.get_submodule(name).weight.dtype)
+    replace_linears(model, chosen, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
+                    adapter_dtype=adapter_dtype)
     return model
+
+
+# Parents that read a child linear's weight directly instead of calling the child: a FusedLoRALinear
+# there would never run (its adapter would change no output and get no gradient).
+# nn.TransformerEncoderLayer does so on its inference fast path (torch._transformer_encoder_layer_fwd).
+WEIGHT_READ_BY_PARENT = ((nn.MultiheadAttention, ("out_proj",)),
+                         (nn.TransformerEncoderLayer, ("linear1", "linear2")))
+
+
+def replacement_problem(model: nn.Module, name: str) -> str | None:
+    """None when ``apply_lora`` can replace the module ``name`` of ``model`` by a FusedLoRALinear
+    that computes what it did; else why not (a phrase after the module's name)."""
+    module = model.get_submodule(name)
+    if isinstance(module, FusedLoRALinear):
+        return "already is a FusedLoRALinear"
+    problem = linear_problem(module)
+    if problem is not None:
+        return problem
+    if _is_quantised(module):
+        return f"is a quantised {type(module).__module__}.{type(module).__name__} (not supported by fused_lora)"
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    for kind, children in WEIGHT_READ_BY_PARENT:
+        if isinstance(parent, kind) and child in children:
+            return (f"is read directly by its parent {type(parent).__name__} (which uses {child}.weight, not "
+                    f"{child}'s forward): a FusedLoRALinear there would never run, and its adapter would get "
+                    f"no gradient")
+    return None
 
 
 def targeted_linears(model: nn.Module, target_modules) -> list[str]:
     """The qualified names of the ``nn.Linear`` layers ``target_modules`` picks; the model is not touched.
 
-    Raises ValueError when nothing matches, or when a matched module is not a plain
-    floating-point ``nn.Linear`` (or already is a FusedLoRALinear).
+    ``"all-linear"`` picks every ``torch.nn.Linear`` (the class itself, not subclasses) but the
+    output layer that a FusedLoRALinear can replace faithfully (``replacement_problem``: no
+    hooks, no patched forward, a floating-point weight, not read directly by its parent such as
+    ``nn.MultiheadAttention.out_proj``); the others are left as they are. Names and regexes
+    must pick only such layers: raises ValueError when nothing matches, or naming a matched
+    module that cannot be replaced, and why.
     """
     targets = _check_target_modules(target_modules)
     names = [name for name, _ in model.named_modules() if name]
     if targets == ALL_LINEAR:
         output_name = _output_layer_name(model)
-        chosen = [name for name in names if type(model.get_submodule(name)) is nn.Linear and name != output_name]
+        chosen = [name for name in names if type(model.get_submodule(name)) is nn.Linear and name != output_name
+                  and replacement_problem(model, name) is None]
     else:
         chosen = [name for name in names if matches_target(targets, name)]
     if not chosen:
@@ -131,24 +174,23 @@ def targeted_linears(model: nn.Module, target_modules) -> list[str]:
         raise ValueError(f"target_modules: {target_modules!r} matched no module of the model; "
                          f"module names seen: {seen}")
     for name in chosen:
-        module = model.get_submodule(name)
-        if isinstance(module, FusedLoRALinear):
-            raise ValueError(f"target_modules: module {name!r} already is a FusedLoRALinear")
-        if not isinstance(module, nn.Linear) or _is_quantised(module):
-            raise ValueError(f"target_modules: module {name!r} is a {type(module).__name__}; fused_lora "
-                             f"supports only torch.nn.Linear with a floating-point weight")
+        problem = replacement_problem(model, name)
+        if problem is not None:
+            raise ValueError(f"target_modules: module {name!r} {problem}")
     return chosen
 
 
 def replace_linears(model: nn.Module, chosen: list[str], r: int, lora_alpha: float, lora_dropout: float,
-                    use_rslora: bool) -> None:
-    """Freeze every parameter of ``model``, then swap the linear layers named in ``chosen`` (checked) for FusedLoRALinear."""
+                    use_rslora: bool, adapter_dtype=None) -> None:
+    """Freeze every parameter of ``model``, then swap the linear layers named in ``chosen`` (checked) for
+    FusedLoRALinear. ``adapter_dtype``: None, a dtype, or a dict of name to dtype (None for a missing name)."""
     for param in model.parameters():
         param.requires_grad_(False)
     for name in chosen:
         linear = model.get_submodule(name)
+        dtype = adapter_dtype.get(name) if isinstance(adapter_dtype, dict) else adapter_dtype
         layer = FusedLoRALinear.from_linear(linear, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                            use_rslora=use_rslora)
+                                            use_rslora=use_rslora, adapter_dtype=dtype)
         layer.train(linear.training)
         _replace_module(model, name, layer)
 

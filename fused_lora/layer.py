@@ -204,6 +204,10 @@ class FusedLoRALinear(nn.Module):
                   f"'weight' and '_extra_state' (the merged flag); loading it would leave the weight and the adapter "
                   f"disagreeing: unmerge() first, or load a whole state dict")
             return
+        if self.merged and keys["weight"]:
+            # NOTE: weight and flag come together (checked above): set_extra_state sets the flag again,
+            # and load_state_dict(assign=True) may assign the new tensors meanwhile.
+            self.__dict__["merged"] = False
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 

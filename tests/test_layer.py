@@ -386,9 +386,12 @@ def test_load_state_dict_keeps_weight_and_adapter_consistent():
     with pytest.raises(RuntimeError, match="the state says merged"):
         layer.load_state_dict({"_extra_state": torch.tensor(True), **adapter_only}, strict=False)
     assert not layer.merged
-    # A whole merged state: its adapter is what unmerge() subtracts.
+    # A whole merged state: its adapter is what unmerge() subtracts (also with assign=True, and
+    # into a layer that is merged itself).
     source, source_original = _merged_with_original()
-    layer.load_state_dict(source.state_dict())
-    assert layer.merged
-    layer.unmerge()
-    assert_close_scaled("unmerged weight", layer.weight, source_original, 4, magnitude_of=source.weight)
+    for assign in (False, True):
+        layer.load_state_dict({k: v.clone() for k, v in source.state_dict().items()}, assign=assign)
+        assert layer.merged
+        layer.unmerge()
+        assert_close_scaled("unmerged weight", layer.weight, source_original, 4, magnitude_of=source.weight)
+        layer.merge()

@@ -159,12 +159,12 @@ def replacement_problem(model: nn.Module, name: str) -> str | None:
 def targeted_linears(model: nn.Module, target_modules) -> list[str]:
     """The qualified names of the ``nn.Linear`` layers ``target_modules`` picks; the model is not touched.
 
-    ``"all-linear"`` picks every ``torch.nn.Linear`` (the class itself, not subclasses) but the
-    output layer that a FusedLoRALinear can replace faithfully (``replacement_problem``: no
-    hooks, no patched forward, a floating-point weight, not read directly by its parent such as
-    ``nn.MultiheadAttention.out_proj``); the others are left as they are. Names and regexes
-    must pick only such layers: raises ValueError when nothing matches, or naming a matched
-    module that cannot be replaced, and why.
+    ``"all-linear"`` picks every ``torch.nn.Linear`` (the class itself, not subclasses) except
+    the output layer, and of those only the ones a FusedLoRALinear can replace faithfully
+    (``replacement_problem``: no hooks, no patched forward, a floating-point weight, not read
+    directly by its parent such as ``nn.MultiheadAttention.out_proj``); the others are left as
+    they are. Names and regexes must pick only such layers: raises ValueError when nothing
+    matches, or naming a matched module that cannot be replaced, and why.
     """
     targets = _check_target_modules(target_modules)
     names = [name for name, _ in model.named_modules() if name]

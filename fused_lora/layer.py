@@ -102,7 +102,8 @@ class FusedLoRALinear(nn.Module):
     ``weight``, ``scaling``, ``r``, ``lora_alpha`` or ``use_rslora``,
     ``reset_lora_parameters()``, and loading a state dict with adapter tensors but not
     both the weight and the merged flag raise (``unmerge()`` first). ``merge()`` keeps a
-    copy of the adapter it added (r * (in + out) elements), so ``unmerge()`` subtracts
+    copy of the adapter it added (r * (in + out) elements, the non-persistent buffers
+    ``merged_lora_A`` and ``merged_lora_B``, None while unmerged), so ``unmerge()`` subtracts
     exactly that even after an in-place change of lora_A or lora_B, which a merged
     forward refuses to run with (an edit through ``.data`` bypasses the version counter
     that check reads, so such a forward runs the adapter merged before; ``unmerge()``

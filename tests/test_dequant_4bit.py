@@ -274,11 +274,13 @@ def test_nested_absmax_compiles_without_fma_for_sm90():
     assert control > 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bitsandbytes' CUDA kernel is the reference)")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU (bitsandbytes' CUDA kernel is the reference)")
 def test_matches_bitsandbytes_cuda():
     """Every dtype (bf16 included), bit for bit against bitsandbytes' CUDA dequantize of the same bytes."""
     cases = CASES + [((4096, 4096), 64), ((1024, 14336), 64)]
-    for (shape, blocksize), quant_type, nested in ((c, q, n) for c in cases for q in ("nf4", "fp4") for n in (False, True)):
+    grid = [(case, quant_type, nested) for case in cases for quant_type in ("nf4", "fp4") for nested in (False, True)]
+    for (shape, blocksize), quant_type, nested in grid:
         param = quantized(shape, blocksize, quant_type, nested, seed=shape[0] + shape[1])
         state = copy.deepcopy(param.quant_state)
         state.to("cuda")

@@ -44,10 +44,10 @@ def _dequant_4bit_kernel(
     # sizes and scalars
     n_elements, n_bytes, n_blocks, offset,
     # meta-parameters
-    BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, IS_FP4: tl.constexpr,
-    NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, OFFSET_FROM_PTR: tl.constexpr, GROUP: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, TILE: tl.constexpr, GROUP: tl.constexpr, IS_FP4: tl.constexpr,
+    NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, OFFSET_FROM_PTR: tl.constexpr,
 ):
-    """out[e] = value(nibble e) * absmax of e's block, for BLOCKS_PER_PROGRAM quantization blocks per program.
+    """out[e] = value(nibble e) * absmax of e's block, for TILE elements per program.
 
     packed_ptr:        uint8 ((n + 1) // 2,): two elements a byte, the first in the high nibble.
     code_ptr:          fp32 (16,): the 4-bit code book (quant_state.code).
@@ -57,41 +57,40 @@ def _dequant_4bit_kernel(
     offset_ptr:        fp32 (): quant_state.offset; read when NESTED and OFFSET_FROM_PTR (else ``offset``).
     out_ptr:           fp16 / bf16 / fp32 (n,): the dense weight, contiguous.
 
-    The tile holds BLOCKS_PER_PROGRAM quantization blocks, one row each, so the absmax is
-    loaded (and de-nested) once per row and broadcast.
+    The tile is (TILE // (2 * GROUP), GROUP) bytes, GROUP = 8 // out element size: a row's
+    2 * GROUP elements are one 16-byte store, so the layout Triton gives a row to load its bytes
+    is the layout that stores its elements (no round trip through shared memory). A row lies in
+    one quantization block (2 * GROUP divides BLOCKSIZE) and a program starts on a block boundary
+    (BLOCKSIZE divides TILE).
     """
+    ROWS: tl.constexpr = TILE // (2 * GROUP)
     pid = tl.program_id(0)
+    rows = tl.arange(0, ROWS)
     # NOTE: 64-bit scalar bases, 32-bit offsets within the tile: n may pass 2**31.
-    first_block = pid.to(tl.int64) * BLOCKS_PER_PROGRAM
-    rows = tl.arange(0, BLOCKS_PER_PROGRAM)
-    row_mask = rows < n_blocks - first_block
+    first_block = pid.to(tl.int64) * (TILE // BLOCKSIZE)
+    block = rows // (BLOCKSIZE // (2 * GROUP))
+    block_mask = block < n_blocks - first_block
 
     if NESTED:
-        quantized = tl.load(absmax_ptr + first_block + rows, mask=row_mask, other=0).to(tl.int32)
-        scale = tl.load(nested_absmax_ptr + (first_block + rows) // NESTED_BLOCKSIZE, mask=row_mask, other=0.0)
+        quantized = tl.load(absmax_ptr + first_block + block, mask=block_mask, other=0).to(tl.int32)
+        scale = tl.load(nested_absmax_ptr + (first_block + block) // NESTED_BLOCKSIZE, mask=block_mask, other=0.0)
         if OFFSET_FROM_PTR:
             offset = tl.load(offset_ptr)
         # NOTE: two fp32 roundings (the launcher turns FMA contraction off), as bitsandbytes:
         # its 8-bit dequantize writes code[q] * absmax2, then torch adds the offset.
         absmax = tl.load(nested_code_ptr + quantized) * scale + offset
     else:
-        absmax = tl.load(absmax_ptr + first_block + rows, mask=row_mask, other=0.0)
+        absmax = tl.load(absmax_ptr + first_block + block, mask=block_mask, other=0.0)
 
-    # NOTE: bytes as (rows, BLOCKSIZE // (2 * GROUP), GROUP), GROUP = 8 // out element size: the
-    # 2 * GROUP elements of a group are one 16-byte store, so the layout Triton picks to load a
-    # thread's bytes is the one that stores its elements (no round trip through shared memory).
-    byte_offs = (rows[:, None, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // (2 * GROUP))[None, :, None] * GROUP
-                 + tl.arange(0, GROUP)[None, None, :])
-    first_byte = first_block * (BLOCKSIZE // 2)
+    first_byte = pid.to(tl.int64) * (TILE // 2)
+    byte_offs = rows[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     byte = tl.load(packed_ptr + first_byte + byte_offs, mask=byte_offs < n_bytes - first_byte, other=0).to(tl.int32)
-    scale3 = absmax[:, None, None]
-    high = _code_value(code_ptr, byte >> 4, IS_FP4) * scale3
-    low = _code_value(code_ptr, byte & 15, IS_FP4) * scale3
+    high = _code_value(code_ptr, byte >> 4, IS_FP4) * absmax[:, None]
+    low = _code_value(code_ptr, byte & 15, IS_FP4) * absmax[:, None]
     out_ty = out_ptr.dtype.element_ty
-    # (rows, BLOCKSIZE // (2 * GROUP), GROUP, 2) -> (rows, BLOCKSIZE): element 2j from the high nibble, 2j + 1 from the low one.
-    weight = tl.reshape(tl.join(high.to(out_ty), low.to(out_ty)), (BLOCKS_PER_PROGRAM, BLOCKSIZE))
+    # (ROWS, GROUP, 2) -> (ROWS, 2 * GROUP): element 2j from the high nibble, 2j + 1 from the low one.
+    weight = tl.reshape(tl.join(high.to(out_ty), low.to(out_ty)), (ROWS, 2 * GROUP))
 
-    elem_offs = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    first_elem = first_block * BLOCKSIZE
-    tl.store(out_ptr + first_elem + elem_offs, weight,
-             mask=elem_offs < n_elements - first_elem)
+    first_elem = pid.to(tl.int64) * TILE
+    elem_offs = rows[:, None] * (2 * GROUP) + tl.arange(0, 2 * GROUP)[None, :]
+    tl.store(out_ptr + first_elem + elem_offs, weight, mask=elem_offs < n_elements - first_elem)

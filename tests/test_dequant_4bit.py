@@ -142,14 +142,15 @@ def test_rounding_into_fp16_subnormals():
 
 @needs_interpreter
 def test_reads_a_linear4bit_weight_in_place():
-    """A real ``bnb.nn.Linear4bit``: its packed bytes and quantization state are read, never written."""
+    """A real ``bnb.nn.Linear4bit``, its ``Params4bit`` itself as ``packed``: the bytes and the
+    quantization state are read, never written."""
     torch.manual_seed(0)
     layer = bnb.nn.Linear4bit(70, 33, bias=False, quant_type="nf4").to("cpu")
     state = layer.weight.quant_state
     before = [t.clone() for t in (layer.weight.data, state.absmax, state.code, state.offset, state.state2.absmax,
                                   state.state2.code)]
     out = torch.full((33, 70), float("nan"))
-    dequantize_4bit(weight_of(layer.weight.data, state), out)
+    dequantize_4bit(weight_of(layer.weight, state), out)
     after = (layer.weight.data, state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code)
     assert all(torch.equal(b, a) for b, a in zip(before, after))
     assert_equal_values("Linear4bit weight", out, bitsandbytes_dequantized(layer.weight.data, state, torch.float32))

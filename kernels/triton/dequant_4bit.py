@@ -33,8 +33,25 @@ def _code_value(code_ptr, nibble, IS_FP4: tl.constexpr):
     if IS_FP4:
         # NOTE: a product with +-1.0 (exact), not a negation: 0b1000 must give -0.0 as on CUDA.
         sign = tl.where((nibble & 8) != 0, -1.0, 1.0)
-        return tl.load(code_ptr + (nibble & 7)) * sign
-    return tl.load(code_ptr + nibble)
+        value = tl.load(code_ptr + (nibble & 7)) * sign
+    else:
+        value = tl.load(code_ptr + nibble)
+    return value
+
+
+@triton.jit
+def _block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset, block, mask,
+                  NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+    """fp32 absmax of each block index (loads masked by ``mask``; what masked lanes hold is unspecified)."""
+    if NESTED:
+        quantized = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        # NOTE: two fp32 roundings (the launchers turn FMA contraction off), as bitsandbytes:
+        # its 8-bit dequantize writes code[q] * absmax2, then torch adds the offset.
+        absmax = tl.load(nested_code_ptr + quantized) * scale + offset
+    else:
+        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return absmax
 
 
 @triton.jit
@@ -71,16 +88,10 @@ def _dequant_4bit_kernel(
     block = rows // (BLOCKSIZE // (2 * GROUP))
     block_mask = block < n_blocks - first_block
 
-    if NESTED:
-        quantized = tl.load(absmax_ptr + first_block + block, mask=block_mask, other=0).to(tl.int32)
-        scale = tl.load(nested_absmax_ptr + (first_block + block) // NESTED_BLOCKSIZE, mask=block_mask, other=0.0)
-        if OFFSET_FROM_PTR:
-            offset = tl.load(offset_ptr)
-        # NOTE: two fp32 roundings (the launcher turns FMA contraction off), as bitsandbytes:
-        # its 8-bit dequantize writes code[q] * absmax2, then torch adds the offset.
-        absmax = tl.load(nested_code_ptr + quantized) * scale + offset
-    else:
-        absmax = tl.load(absmax_ptr + first_block + block, mask=block_mask, other=0.0)
+    if NESTED and OFFSET_FROM_PTR:
+        offset = tl.load(offset_ptr)
+    absmax = _block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset, first_block + block, block_mask,
+                           NESTED, NESTED_BLOCKSIZE)
 
     first_byte = pid.to(tl.int64) * (TILE // 2)
     byte_offs = rows[:, None] * GROUP + tl.arange(0, GROUP)[None, :]

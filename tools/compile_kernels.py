@@ -29,8 +29,10 @@ from fused_lora.kernels.dropout_mask import _dropout_mask_kernel, _unpack_keep_b
 from fused_lora.kernels.lora_bwd import (_lora_bwd_da_kernel, _lora_bwd_dx_kernel,  # noqa: E402
                                          _lora_bwd_dx_tma_kernel, _lora_bwd_dy_kernel, _sum_partials_kernel)
 from fused_lora.kernels.lora_fwd import _lora_fwd_kernel, _lora_fwd_tma_kernel  # noqa: E402
+from fused_lora.kernels.lora_fwd_4bit import _lora_fwd_4bit_kernel  # noqa: E402
 from fused_lora.kernels.lora_shrink import _lora_shrink_kernel  # noqa: E402
 from fused_lora.ops.triton_ops.dequant import dequant_launch_options  # noqa: E402
+from fused_lora.ops.triton_ops.forward_4bit import forward_4bit_config, forward_4bit_launch_options  # noqa: E402
 from fused_lora.ops.triton_ops.tuning import TMA_MAX_RANK_BLOCK, TUNED_TMA, _da_config, _dy_config  # noqa: E402
 
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
@@ -174,6 +176,19 @@ def dequant_4bit_variants(dtypes):
                _dequant_4bit_kernel,
                dict(packed_ptr="*u8", code_ptr="*fp32", absmax_ptr=absmax, nested_code_ptr="*fp32",
                     nested_absmax_ptr="*fp32", offset_ptr="*fp32", out_ptr=f"*{dtype}", offset="fp32"),
+               constexprs, options)
+    # The optional fused 4-bit forward (not a default): decode-sized T, nf4 nested at blocksize 64,
+    # the absmax per column (K % 64 == 0) and per element.
+    half_or_single = [d for d in dtypes if d in ("fp16", "bf16", "fp32")]
+    for dtype, (T, K) in itertools.product(half_or_single, [(16, 4096), (64, 4100)]):
+        config = forward_4bit_config(T, 64, K, ELEMENT_SIZE[dtype])
+        precision = "ieee" if dtype == "fp32" else "tf32"
+        constexprs, options = forward_4bit_launch_options(64, "nf4", True, 256, True, True, precision, 16, config)
+        yield (f"lora_fwd_4bit[{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']}] {dtype} nf4 nested "
+               f"per_column={config['ABSMAX_PER_COLUMN']}", _lora_fwd_4bit_kernel,
+               dict(x_ptr=f"*{dtype}", packed_ptr="*u8", code_ptr="*fp32", absmax_ptr="*u8", nested_code_ptr="*fp32",
+                    nested_absmax_ptr="*fp32", offset_ptr="*fp32", bias_ptr=f"*{dtype}", xa_ptr="*fp32",
+                    b_ptr="*fp32", y_ptr=f"*{dtype}", offset="fp32", scaling="fp32"),
                constexprs, options)
 
 

@@ -43,8 +43,8 @@ def _require(name: str, value, dtype: torch.dtype, numel: int, device: torch.dev
                          + ("" if value.is_contiguous() else ", not contiguous"))
 
 
-def _checked(weight, out):
-    """(1) check: ``(packed as uint8, n, offset tensor or None, offset as a float)``; raises naming the field."""
+def _checked_weight(weight):
+    """``(packed as a plain tensor, n, offset tensor or None, offset as a float)``; raises naming the field."""
     packed = weight.packed
     if not isinstance(packed, torch.Tensor):
         raise TypeError(f"weight.packed: expected a torch.Tensor, got {type(packed).__name__}")
@@ -56,18 +56,11 @@ def _checked(weight, out):
     shape = weight.shape
     if len(shape) != 2 or type(shape[0]) is not int or type(shape[1]) is not int or shape[0] < 0 or shape[1] < 0:
         raise ValueError(f"weight.shape: expected (out_features, in_features), got {shape!r}")
-    shape = tuple(shape)
     n = shape[0] * shape[1]
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
-    if out.dtype not in OUT_DTYPES or out.shape != shape or not out.is_contiguous() or out.device != device:
-        raise ValueError(f"out: expected a contiguous float16, bfloat16 or float32 tensor of shape {shape} on "
-                         f"{device} (the packed weight's device), got {out.dtype} of shape {tuple(out.shape)} on "
-                         f"{out.device}" + ("" if out.is_contiguous() else ", not contiguous"))
     needed = (n + 1) // 2
     stored = packed.numel() * packed.element_size()
     if not packed.is_contiguous() or not 0 <= stored - needed < packed.element_size():
-        raise ValueError(f"weight.packed: expected {needed} contiguous bytes ((N*K+1)//2 for shape {shape}), "
+        raise ValueError(f"weight.packed: expected {needed} contiguous bytes ((N*K+1)//2 for shape {tuple(shape)}), "
                          f"got {packed.dtype} of shape {tuple(packed.shape)} ({stored} bytes)"
                          + ("" if packed.is_contiguous() else ", not contiguous"))
     if packed.dtype != torch.uint8:  # quant_storage other than uint8: the same bytes
@@ -102,6 +95,41 @@ def _checked(weight, out):
     return packed, n, None, float(offset)
 
 
+def _checked(weight, out):
+    """(1) check the weight and ``out``; what ``_checked_weight`` returns."""
+    checked = _checked_weight(weight)
+    packed = checked[0]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
+    shape = tuple(weight.shape)
+    if (out.dtype not in OUT_DTYPES or out.shape != shape or not out.is_contiguous()
+            or out.device != packed.device):
+        raise ValueError(f"out: expected a contiguous float16, bfloat16 or float32 tensor of shape {shape} on "
+                         f"{packed.device} (the packed weight's device), got {out.dtype} of shape "
+                         f"{tuple(out.shape)} on {out.device}" + ("" if out.is_contiguous() else ", not contiguous"))
+    return checked
+
+
+def _weight_arguments(weight, packed, offset_tensor):
+    """The kernels' seven weight pointers' worth of tensors: packed, code, absmax, nested code,
+    nested absmax, offset (what is never read, NESTED=False or a host offset, is any fp32 tensor)."""
+    code = weight.code
+    if not weight.nested:
+        return packed, code, weight.absmax, code, code, code
+    nested_absmax = weight.nested_absmax
+    return (packed, code, weight.absmax, weight.nested_code, nested_absmax,
+            offset_tensor if offset_tensor is not None else nested_absmax)
+
+
+def _weight_key(weight, packed, offset_tensor) -> tuple:
+    """What a plan depends on in the weight: its layout and every tensor's 16-byte alignment."""
+    nested = bool(weight.nested)
+    return (weight.blocksize, weight.quant_type, nested, weight.nested_blocksize if nested else None,
+            offset_tensor is not None, _aligned(packed), _aligned(weight.code), _aligned(weight.absmax),
+            nested and _aligned(weight.nested_code), nested and _aligned(weight.nested_absmax),
+            offset_tensor is not None and _aligned(offset_tensor))
+
+
 def dequant_launch_options(blocksize: int, quant_type: str, nested: bool, nested_blocksize: int,
                            offset_from_ptr: bool, element_bytes: int) -> tuple[dict, dict]:
     """(constexprs, launch options) of the kernel for one weight layout (also what
@@ -116,16 +144,11 @@ def dequant_launch_options(blocksize: int, quant_type: str, nested: bool, nested
 
 def _plan(weight, out, packed, n, offset_tensor):
     """(2) the launch for this signature: grid, constexprs, options; on a GPU the compiled kernel."""
-    nested = bool(weight.nested)
-    key = (out.device, out.dtype, n, weight.blocksize, weight.quant_type, nested,
-           weight.nested_blocksize if nested else None, offset_tensor is not None,
-           _aligned(packed), _aligned(weight.code), _aligned(weight.absmax), _aligned(out),
-           nested and _aligned(weight.nested_code), nested and _aligned(weight.nested_absmax),
-           offset_tensor is not None and _aligned(offset_tensor))
+    key = (out.device, out.dtype, n, _aligned(out)) + _weight_key(weight, packed, offset_tensor)
     launch = _DEQUANT_PLANS.get(key)
     if launch is None:
-        blocksize = weight.blocksize
-        constexprs, options = dequant_launch_options(blocksize, weight.quant_type, nested,
+        nested = bool(weight.nested)
+        constexprs, options = dequant_launch_options(weight.blocksize, weight.quant_type, nested,
                                                      weight.nested_blocksize if nested else 1,
                                                      offset_tensor is not None, out.element_size())
         grid = (triton.cdiv(n, TILE_ELEMENTS),)
@@ -145,12 +168,5 @@ def dequantize_4bit(weight, out: torch.Tensor) -> torch.Tensor:
     if n == 0:
         return out
     launch = _plan(weight, out, packed, n, offset_tensor)
-    code, absmax = weight.code, weight.absmax
-    if weight.nested:
-        nested_code, nested_absmax = weight.nested_code, weight.nested_absmax
-        offset_ptr = offset_tensor if offset_tensor is not None else nested_absmax
-    else:  # never read (NESTED=False): any fp32 tensor of the call
-        nested_code = nested_absmax = offset_ptr = code
-    launch(packed, code, absmax, nested_code, nested_absmax, offset_ptr, out, n, (n + 1) // 2,
-           -(-n // weight.blocksize), offset)
+    launch(*_weight_arguments(weight, packed, offset_tensor), out, n, (n + 1) // 2, -(-n // weight.blocksize), offset)
     return out

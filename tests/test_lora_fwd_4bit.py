@@ -57,3 +57,28 @@ def test_bad_operands_name_the_argument():
         lora_forward_4bit(x, weight, torch.randn(34), lora_B, xa, 1.0)
     with pytest.raises(ValueError, match="weight.blocksize"):
         lora_forward_4bit(x, weight._replace(blocksize=48), None, lora_B, xa, 1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_matches_the_dequantized_formula_cuda():
+    """Decode-sized inputs on a Llama-sized weight, every dtype (bf16 included); W from bitsandbytes' CUDA kernel."""
+    import copy
+
+    rank = 16
+    for quant_type, nested in (("nf4", True), ("nf4", False), ("fp4", True)):
+        param = quantized((1024, 4096), 64, quant_type, nested, seed=1)
+        state = copy.deepcopy(param.quant_state)
+        state.to("cuda")
+        packed = param.data.cuda()
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            W = bitsandbytes_dequantized(packed, state, dtype)
+            for T in (1, 16, 32):
+                gen = torch.Generator().manual_seed(T)
+                x = torch.randn(T, 4096, generator=gen).to(dtype).cuda()
+                bias = torch.randn(1024, generator=gen).to(dtype).cuda()
+                lora_B = (torch.randn(1024, rank, generator=gen) / rank ** 0.5).cuda()
+                xa = torch.randn(T, rank, generator=gen).cuda()
+                y = lora_forward_4bit(x, weight_of(packed, state), bias, lora_B, xa, 2.0)
+                expected = reference(x, W, bias, lora_B, xa, 2.0)
+                assert_close_scaled(f"y {quant_type} nested={nested} {dtype} T={T}", y, expected.to(dtype),
+                                    lora_reductions(T, 4096, 1024, rank)["y"], dtype=dtype)

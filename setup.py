@@ -57,11 +57,25 @@ def _build_extension_class(base):
     return BuildExtension
 
 
+def _env_flag(name: str) -> bool:
+    """A switch parsed as the package parses it (fused_lora/env.py, loaded by path: the package is not built yet)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fused_lora", "env.py")
+    spec = importlib.util.spec_from_file_location("_fused_lora_env", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        return module.env_flag(name, False) is True
+    except ValueError as error:
+        _stop(str(error))
+
+
 def extension_kwargs():
-    """ext_modules and cmdclass for fused_lora._C, or {} when FUSED_LORA_SKIP_EXT=1."""
-    if os.environ.get(SKIP_VARIABLE) == "1":
-        _message(f"{SKIP_VARIABLE}=1: installing without the C++ CPU backend (CPU tensors will run on the "
-                 f"slower 'torch' backend)")
+    """ext_modules and cmdclass for fused_lora._C, or {} when FUSED_LORA_SKIP_EXT is on (1/true/yes/on)."""
+    if _env_flag(SKIP_VARIABLE):
+        _message(f"{SKIP_VARIABLE}={os.environ[SKIP_VARIABLE]}: installing without the C++ CPU backend (CPU "
+                 f"tensors will run on the slower 'torch' backend)")
         return {}
     try:
         import torch

@@ -104,7 +104,9 @@ def _installed_copy_with_extension() -> str | None:
 
 
 def _check_not_shadowing() -> None:
-    if os.environ.get("FUSED_LORA_SKIP_EXT") == "1" or _has_extension(_HERE):
+    from .env import env_flag
+
+    if env_flag("FUSED_LORA_SKIP_EXT", False) is True or _has_extension(_HERE):
         return
     installed = _installed_copy_with_extension()
     if installed is not None:

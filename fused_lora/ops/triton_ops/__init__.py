@@ -38,6 +38,8 @@ import triton
 from ...kernels.dropout_mask import _dropout_mask_kernel, _unpack_keep_bits_kernel
 from ...philox import dropout_threshold
 from ..backends import saves_keep_bits
+from .dequant import dequantize_4bit  # noqa: F401
+from .forward_4bit import lora_forward_4bit  # noqa: F401  (optional, not a default: see its module)
 from .launch import _aligned, _grid_device, _Launch, _seed_tensor, accumulation_dtype, autotuning, force_tma  # noqa: F401
 from .plans import (PLAN_CACHE_SIZE, _BACKWARD_PLANS, _FORWARD_PLANS, _SHRINK_PLANS, _BackwardPlan,  # noqa: F401
                     _ForwardPlan, _ShrinkPlan, clear_plans, plan_count)

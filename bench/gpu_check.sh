@@ -24,8 +24,8 @@
 # variants the later steps use in parallel processes into Triton's cache, while the tests run.
 #
 # The first stage (GPU_CHECK_STAGE=first) decides the defaults in one short run. Its files, in
-# the order written (caps in seconds; the whole never exceeds the budget, 345 s = 5 min 45 s:
-# a step gets at most what is left, and none starts with under 5 s left):
+# the order written (caps in seconds; a step gets at most what is left of the budget, 345 s,
+# and none starts with under 5 s left: with the 5 s kill grace and the packing, under 6 min):
 #   0 (90)  compile the variants in 12 parallel processes; the CUDA graph tests start beside it
 #   1 (50)  1-tune.txt, tuning.json (python -m bench.tune: 3 shapes, T=8192, r=16, p 0 and 0.1,
 #           both mask modes), 1-correctness.{json,txt}: fwd+bwd against fp64, bf16, T=8192,

@@ -14,12 +14,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_EDITABLE_FINDER = "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
 
 
-def _python(code, cwd=ROOT, env=None, timeout=180):
+def _python(code, cwd=ROOT, env=None, timeout=180, no_site=False):
+    """Run ``code`` in a fresh interpreter; ``no_site`` (-S) hides site-packages and the copy installed there."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("FUSED_LORA_")}
     environment.pop("PYTHONPATH", None)
     environment.update(env or {})
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=environment, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([sys.executable] + (["-S"] if no_site else []) + ["-c", code], cwd=cwd, env=environment,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_source_checkout_imports_cheaply_and_runs_the_triton_kernels_without_the_editable_finder():
@@ -86,9 +87,50 @@ def test_a_checkout_that_hides_an_installed_extension_fails_with_one_line(checko
     assert result.returncode == 0 and f"imported {checkout / 'fused_lora'}" in result.stdout, result.stderr
 
 
-def _setup_py(args, env=None, block_torch=False):
+def test_the_egg_info_pip_install_leaves_in_the_checkout_does_not_hide_the_installed_extension(
+        checkout_and_installed_copy):
+    # `pip install --no-build-isolation .` runs egg_info in the checkout and leaves fused_lora.egg-info/
+    # there, listing no extension; from the checkout's root the metadata lookup meets it first.
+    checkout, site, extension = checkout_and_installed_copy
+    result = subprocess.run([sys.executable, "setup.py", "-q", "egg_info"], cwd=checkout, capture_output=True,
+                            text=True, timeout=180, env={**os.environ, "FUSED_LORA_SKIP_EXT": "1"})
+    assert result.returncode == 0 and (checkout / "fused_lora.egg-info" / "SOURCES.txt").is_file(), result.stderr
+    code = NO_EDITABLE_FINDER + "import fused_lora; print('imported', fused_lora.__file__)"
+    result = _python(code, cwd=checkout, env={"PYTHONPATH": str(site)}, no_site=True)
+    assert result.returncode != 0, result.stdout
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"ImportError: fused_lora: imported the source checkout {checkout / 'fused_lora'}, which has no built C++ "
+        f"extension, instead of the installed package in {site / 'fused_lora'}"), result.stderr[-2000:]
+
+
+def test_an_editable_install_of_another_checkout_with_the_extension_is_not_hidden(checkout_and_installed_copy,
+                                                                                    tmp_path):
+    # `pip install -e` elsewhere: the installed copy is another checkout, known by direct_url.json.
+    checkout, _, extension = checkout_and_installed_copy
+    other = tmp_path / "other"
+    (other / "fused_lora").mkdir(parents=True)
+    (other / "fused_lora" / extension).write_bytes(b"")
+    code = NO_EDITABLE_FINDER + "import fused_lora; print('imported', fused_lora.__file__)"
+    for target, fails in ((other, True), (checkout, False)):
+        site = tmp_path / f"site-{target.name}"
+        info = site / "fused_lora-0.1.0.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fused_lora\nVersion: 0.1.0\n")
+        (info / "RECORD").write_text("fused_lora-0.1.0.dist-info/METADATA,,\nfused_lora-0.1.0.dist-info/RECORD,,\n"
+                                     "fused_lora-0.1.0.dist-info/direct_url.json,,\n")
+        (info / "direct_url.json").write_text(f'{{"dir_info": {{"editable": true}}, "url": "{target.as_uri()}"}}')
+        result = _python(code, cwd=checkout, env={"PYTHONPATH": str(site)}, no_site=True)
+        if fails:  # another checkout, built: this one would hide it
+            assert result.returncode != 0
+            assert (f"which has no built C++ extension, instead of the installed package in {other / 'fused_lora'}"
+                    in result.stderr.strip().splitlines()[-1]), result.stderr[-2000:]
+        else:  # this very checkout installed in editable mode: nothing is hidden
+            assert result.returncode == 0 and f"imported {checkout / 'fused_lora'}" in result.stdout, result.stderr
+
+
+def _setup_py(args, env=None, block_torch=False, prelude=""):
     """Run setup.py with ``args``; ``block_torch`` makes ``import torch`` fail, as in pip's isolated build."""
-    code = ("import sys\n" + ("sys.modules['torch'] = None\n" if block_torch else "")
+    code = ("import sys\n" + ("sys.modules['torch'] = None\n" if block_torch else "") + prelude
             + f"sys.argv = ['setup.py'] + {list(args)!r}\n"
             "exec(compile(open('setup.py').read(), 'setup.py', 'exec'), "
             "{'__file__': __import__('os').path.abspath('setup.py'), '__name__': '__main__'})\n")

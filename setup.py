@@ -11,6 +11,7 @@ installs the Python package alone, on purpose; CPU tensors then run on the slowe
 
 import glob
 import os
+import re
 import shutil
 import sys
 import time
@@ -57,6 +58,29 @@ def _build_extension_class(base):
     return BuildExtension
 
 
+def check_wheel_tools() -> None:
+    """Stop with what to install when setuptools cannot build the wheel pip asks for.
+
+    pip with ``--no-build-isolation`` builds with the setuptools and wheel already installed, and
+    a fresh venv's are not enough: Python 3.11's setuptools 65 has no bdist_wheel without the
+    ``wheel`` package (bdist_wheel is built into setuptools since 70.1), and 3.12's venv has no
+    setuptools at all (pip then fails before this file runs).
+    """
+    if not {"bdist_wheel", "editable_wheel"} & set(sys.argv[1:]):
+        return
+    import setuptools
+
+    version = tuple(int(part) for part in re.findall(r"\d+", setuptools.__version__)[:2])
+    if version >= (70, 1):
+        return
+    try:
+        import wheel  # noqa: F401
+    except ImportError:
+        raise SystemExit(f"fused_lora: building a wheel with setuptools {setuptools.__version__} needs the `wheel` "
+                         f"package, which is not installed (pip's --no-build-isolation uses what is installed). "
+                         f"Run `pip install --upgrade setuptools wheel ninja`, then install again.") from None
+
+
 def extension_kwargs():
     """ext_modules and cmdclass for fused_lora._C, or {} when FUSED_LORA_SKIP_EXT=1."""
     if os.environ.get(SKIP_VARIABLE) == "1":
@@ -87,6 +111,7 @@ def extension_kwargs():
     return {"ext_modules": [extension], "cmdclass": {"build_ext": _build_extension_class(BuildExtension)}}
 
 
+check_wheel_tools()
 setup(
     name="fused_lora",
     version="0.1.0",

@@ -1,4 +1,6 @@
-"""Installing and importing: the source checkout, the import cost, setup.py's messages, the torch floor."""
+"""Installing and importing: the source checkout, the import cost, setup.py's messages, the torch floor,
+and building beside Hugging Face's ``kernels`` package (a dependency of transformers, pinned in
+requirements.txt), whose setuptools entry point runs inside every build of this package."""
 
 import importlib.machinery
 import os
@@ -6,6 +8,8 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
+import zipfile
 
 import pytest
 
@@ -147,6 +151,21 @@ def test_setup_py_never_drops_the_extension_silently():
     assert "installing without the C++ CPU backend" in result.stderr
 
 
+def test_setup_py_says_when_setuptools_cannot_build_a_wheel():
+    # A fresh Python 3.11 venv: setuptools 65 and no `wheel` package ("invalid command 'bdist_wheel'").
+    old_setuptools_without_wheel = "import setuptools; setuptools.__version__ = '65.5.0'; sys.modules['wheel'] = None\n"
+    for command in ("bdist_wheel", "editable_wheel"):
+        result = _setup_py([command, "--help"], env={"FUSED_LORA_SKIP_EXT": "1"}, prelude=old_setuptools_without_wheel)
+        assert result.returncode != 0
+        assert result.stderr.strip().splitlines()[-1] == (
+            "fused_lora: building a wheel with setuptools 65.5.0 needs the `wheel` package, which is not installed "
+            "(pip's --no-build-isolation uses what is installed). Run `pip install --upgrade setuptools wheel "
+            "ninja`, then install again."), result.stderr[-2000:]
+    # setuptools >= 70.1 has its own bdist_wheel (and wheel vendored): the installed one passes.
+    result = _setup_py(["bdist_wheel", "--help"], env={"FUSED_LORA_SKIP_EXT": "1"})
+    assert result.returncode == 0 and "--dist-dir" in result.stdout, result.stderr[-2000:]
+
+
 def test_setup_py_says_when_the_compiler_is_missing(tmp_path):
     result = _setup_py(["build_ext", "--build-lib", str(tmp_path / "lib"), "--build-temp", str(tmp_path / "tmp")],
                        env={"CXX": "no-such-c++-compiler"})
@@ -180,3 +199,102 @@ def test_torch_floor_is_the_same_in_setup_py_and_the_package_and_is_checked():
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
         "ImportError: fused_lora needs torch>=2.4 (torch.library.custom_op), found torch 2.3.1")
+
+
+# Hugging Face's `kernels` (transformers >= 5.25 depends on it) registers a setuptools egg_info.writers
+# entry point, kernels._internals.locking:write_egg_lockfile, so setuptools imports `kernels` in every
+# build of this package, with the repository's root on sys.path. A top-level kernels/ package here
+# would be imported instead, and the build would stop (ModuleNotFoundError: kernels._internals).
+
+def _hugging_face_kernels(tmp_path):
+    """The installed `kernels` package's __init__.py, found from outside the repository; its build hook must be there."""
+    result = _python("import importlib.metadata, importlib.util\n"
+                     "spec = importlib.util.find_spec('kernels')\n"
+                     "print(spec.origin if spec else None)\n"
+                     "print([e.value for e in importlib.metadata.entry_points(group='egg_info.writers')])\n",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    origin, hooks = result.stdout.splitlines()
+    assert origin != "None" and not origin.startswith(ROOT + os.sep), (
+        f"Hugging Face's kernels package is not installed ({origin}): requirements.txt pins kernels==0.19.1")
+    assert "kernels._internals.locking:write_egg_lockfile" in hooks, hooks
+    return origin
+
+
+def _copy_repository(destination):
+    """The repository as a fresh clone has it: no build outputs, no extension, no metadata."""
+    shutil.copytree(ROOT, destination, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "_C.*", "__pycache__", ".pytest_cache", ".hypothesis"))
+    return destination
+
+
+def _run(command, cwd, **env):
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("FUSED_LORA_")}
+    environment.pop("PYTHONPATH", None)
+    environment.update(env)
+    return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=600)
+
+
+def test_import_kernels_from_the_repository_root_gives_hugging_faces_package(tmp_path):
+    installed = _hugging_face_kernels(tmp_path)
+    result = _python(NO_EDITABLE_FINDER + "import kernels, fused_lora\n"
+                     "print(kernels.__file__); print(fused_lora.kernels.__file__)", cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [installed, os.path.join(ROOT, "kernels", "triton", "__init__.py")]
+
+
+def test_setup_py_and_pip_build_beside_hugging_faces_kernels_and_the_wheel_has_the_kernels_and_configs(tmp_path):
+    installed = _hugging_face_kernels(tmp_path)
+    repository = _copy_repository(tmp_path / "repository")
+    # setup.py run directly: the repository's root is sys.path[0] when setuptools loads kernels' hook.
+    result = _run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path)], repository,
+                  FUSED_LORA_SKIP_EXT="1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # As pip builds it (pyproject.toml's backend), offline; FUSED_LORA_SKIP_EXT=1 leaves the C++ build out.
+    result = _run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index",
+                   "--wheel-dir", str(tmp_path / "dist"), str(repository)], tmp_path, FUSED_LORA_SKIP_EXT="1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    [wheel] = list((tmp_path / "dist").glob("fused_lora-*.whl"))
+    kernel_files = sorted(name for name in os.listdir(os.path.join(ROOT, "kernels", "triton")) if name.endswith(".py"))
+    config_files = sorted(os.listdir(os.path.join(ROOT, "fused_lora", "memory", "configs")))
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        entry_points = archive.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+    assert sorted(n.split("/")[-1] for n in names if n.startswith("fused_lora/kernels/")) == kernel_files
+    assert sorted(n.split("/")[-1] for n in names if n.startswith("fused_lora/memory/configs/")) == config_files
+    assert len(config_files) == 5 and "lora_fwd.py" in kernel_files
+    assert not [n for n in names if n.startswith("kernels/")], "the wheel must not install a top-level kernels"
+    assert "fused-lora-memory = fused_lora.memory:main" in entry_points, entry_points
+
+    # The installed wheel: its own kernels and configs, beside Hugging Face's kernels.
+    target = tmp_path / "target"
+    result = _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(target),
+                   str(wheel)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = _python(NO_EDITABLE_FINDER + "import fused_lora, fused_lora.kernels.lora_fwd, kernels, os\n"
+                     "print(fused_lora.__file__); print(fused_lora.kernels.__file__); print(kernels.__file__)\n"
+                     "print(sorted(os.listdir(os.path.join(os.path.dirname(fused_lora.__file__), 'memory', 'configs'))))",
+                     cwd=tmp_path, env={"PYTHONPATH": str(target)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == [str(target / "fused_lora" / "__init__.py"),
+                                          str(target / "fused_lora" / "kernels" / "__init__.py"),
+                                          installed, repr(config_files)]
+
+
+def test_pip_install_editable_beside_hugging_faces_kernels_maps_the_checkout(tmp_path):
+    installed = _hugging_face_kernels(tmp_path)
+    repository = _copy_repository(tmp_path / "repository")
+    prefix = tmp_path / "prefix"
+    result = _run([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index",
+                   "--prefix", str(prefix), "--editable", str(repository)], tmp_path, FUSED_LORA_SKIP_EXT="1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    site = sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)})
+    # From anywhere, and from the checkout's root: the checkout's package, Hugging Face's kernels.
+    code = (NO_EDITABLE_FINDER + f"import site; site.addsitedir({site!r})\n"
+            "import fused_lora, fused_lora.kernels.lora_fwd, kernels\n"
+            "print(fused_lora.__file__); print(fused_lora.kernels.__file__); print(kernels.__file__)")
+    for cwd in (tmp_path, repository):
+        result = _python(code, cwd=cwd, env={"FUSED_LORA_SKIP_EXT": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.splitlines() == [str(repository / "fused_lora" / "__init__.py"),
+                                              str(repository / "kernels" / "triton" / "__init__.py"), installed]

@@ -66,7 +66,7 @@ def check_wheel_tools() -> None:
     ``wheel`` package (bdist_wheel is built into setuptools since 70.1), and 3.12's venv has no
     setuptools at all (pip then fails before this file runs).
     """
-    if not {"bdist_wheel", "editable_wheel"} & set(sys.argv[1:]):
+    if not {"bdist_wheel", "editable_wheel", "dist_info"} & set(sys.argv[1:]):
         return
     import setuptools
 

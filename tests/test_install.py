@@ -154,7 +154,7 @@ def test_setup_py_never_drops_the_extension_silently():
 def test_setup_py_says_when_setuptools_cannot_build_a_wheel():
     # A fresh Python 3.11 venv: setuptools 65 and no `wheel` package ("invalid command 'bdist_wheel'").
     old_setuptools_without_wheel = "import setuptools; setuptools.__version__ = '65.5.0'; sys.modules['wheel'] = None\n"
-    for command in ("bdist_wheel", "editable_wheel"):
+    for command in ("bdist_wheel", "editable_wheel", "dist_info"):
         result = _setup_py([command, "--help"], env={"FUSED_LORA_SKIP_EXT": "1"}, prelude=old_setuptools_without_wheel)
         assert result.returncode != 0
         assert result.stderr.strip().splitlines()[-1] == (

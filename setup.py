@@ -1,6 +1,19 @@
 """fused_lora: the package fused_lora (with fused_lora.kernels from kernels/triton/),
 and the C++ CPU backend fused_lora._C (from csrc/).
 
+Install from a clone (pyproject.toml names the build tools; pip skips that list with
+--no-build-isolation, so they are installed by hand):
+
+    pip install torch                         # CPU-only machine: add --index-url https://download.pytorch.org/whl/cpu
+    pip install --upgrade setuptools wheel ninja
+    pip install --no-build-isolation -e .     # or `.` for a copy in site-packages
+    python -c "import fused_lora; print(fused_lora.available_backends())"
+
+``-e`` builds fused_lora._C inside the clone, so scripts run from the clone and from elsewhere
+use the same build. After ``pip install .``, the clone itself has no _C: importing it from the
+repository root (which comes first on sys.path) stops with an ImportError saying what to do,
+rather than silently running the checkout on the slower torch backend.
+
 Building the C++ backend needs torch installed first (so pip needs
 ``--no-build-isolation``), a C++ compiler (g++ or clang++), and preferably ninja
 (parallel, incremental builds). It is never dropped silently: without torch or a

@@ -228,6 +228,14 @@ def _copy_repository(destination):
     return destination
 
 
+def _environments_fused_lora():
+    """What this environment has installed as fused_lora; a pip call into a target or prefix must not change it."""
+    import importlib.metadata
+
+    return sorted((d.read_text("direct_url.json") or "", d.read_text("RECORD") or d.read_text("SOURCES.txt") or "")
+                  for d in importlib.metadata.distributions(name="fused_lora"))
+
+
 def _run(command, cwd, **env):
     environment = {k: v for k, v in os.environ.items() if not k.startswith("FUSED_LORA_")}
     environment.pop("PYTHONPATH", None)
@@ -268,9 +276,11 @@ def test_setup_py_and_pip_build_beside_hugging_faces_kernels_and_the_wheel_has_t
 
     # The installed wheel: its own kernels and configs, beside Hugging Face's kernels.
     target = tmp_path / "target"
+    before = _environments_fused_lora()
     result = _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(target),
                    str(wheel)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert _environments_fused_lora() == before
     result = _python(NO_EDITABLE_FINDER + "import fused_lora, fused_lora.kernels.lora_fwd, kernels, os\n"
                      "print(fused_lora.__file__); print(fused_lora.kernels.__file__); print(kernels.__file__)\n"
                      "print(sorted(os.listdir(os.path.join(os.path.dirname(fused_lora.__file__), 'memory', 'configs'))))",
@@ -285,12 +295,19 @@ def test_pip_install_editable_beside_hugging_faces_kernels_maps_the_checkout(tmp
     installed = _hugging_face_kernels(tmp_path)
     repository = _copy_repository(tmp_path / "repository")
     prefix = tmp_path / "prefix"
+    before = _environments_fused_lora()
+    # --ignore-installed: without it pip would first uninstall this environment's own fused_lora.
     result = _run([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index",
-                   "--prefix", str(prefix), "--editable", str(repository)], tmp_path, FUSED_LORA_SKIP_EXT="1")
+                   "--ignore-installed", "--prefix", str(prefix), "--editable", str(repository)], tmp_path,
+                  FUSED_LORA_SKIP_EXT="1")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert _environments_fused_lora() == before, "the install into a prefix changed this environment's fused_lora"
     site = sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)})
     # From anywhere, and from the checkout's root: the checkout's package, Hugging Face's kernels.
-    code = (NO_EDITABLE_FINDER + f"import site; site.addsitedir({site!r})\n"
+    # The prefix's site directory first, as if it were this environment's; the environment's own editable
+    # finder (a module of the same name as the prefix's) forgotten.
+    code = (NO_EDITABLE_FINDER + "[sys.modules.pop(name) for name in list(sys.modules) if name.startswith('__editable__')]\n"
+            f"import site; sys.path.insert(0, {site!r}); site.addsitedir({site!r})\n"
             "import fused_lora, fused_lora.kernels.lora_fwd, kernels\n"
             "print(fused_lora.__file__); print(fused_lora.kernels.__file__); print(kernels.__file__)")
     for cwd in (tmp_path, repository):

@@ -15,6 +15,9 @@ no DoRA or other variant, a plain ``nn.Linear`` base, a frozen base, dtypes the 
 takes) and calls PEFT's forward otherwise. Everything else stays PEFT's: the parameters
 (same objects, same names), ``save_pretrained``, ``merge_and_unload``, ``unload``,
 ``disable_adapter()``, ``set_adapter``, ``add_adapter``, the parameter counts.
+PEFT's LoRA layer over a bitsandbytes 4-bit base (``peft.tuners.lora.bnb.Linear4bit``, QLoRA)
+becomes ``FusedPeftLinear4bit`` the same way: the fused op reads the ``Params4bit`` in place
+(``fused_lora.quantized``) while it computes what PEFT's forward would (see ``fused_adapter``).
 NOTE: swapping in our own module type instead would need every one of those PEFT
 features re-implemented (and kept in step with PEFT); routing only the forward keeps
 them PEFT's by construction, and the fallback keeps every other case exactly PEFT's.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import sys
 from typing import Iterable
 
 import torch
@@ -33,6 +37,7 @@ import torch.nn as nn
 from ..checks import HALF_DTYPES, SUPPORTED_DTYPES, check_dropout_p, check_rank, type_name
 from ..functional import TRITON_MAX_RANK, fused_lora_linear
 from ..layer import FusedLoRALinear, lora_scaling
+from ..quantized import is_linear_4bit, plain_linear_4bit, refuse_8bit, weight_4bit
 
 ALL_LINEAR = "all-linear"
 
@@ -100,6 +105,8 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float =
     kaiming-uniform, B zeros, so the model computes what it did before).
     Raises ValueError when nothing matches (listing the module names seen), or when a
     matched module is not a plain floating-point ``nn.Linear``; then the model is unchanged.
+    A bitsandbytes ``Linear4bit`` (QLoRA: NF4 or FP4, quantized) is a target too: its 4-bit weight
+    is used in place (``FusedLoRALinear.from_linear``); 8-bit layers are refused.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -123,7 +130,8 @@ def targeted_linears(model: nn.Module, target_modules) -> list[str]:
     names = [name for name, _ in model.named_modules() if name]
     if targets == ALL_LINEAR:
         output_name = _output_layer_name(model)
-        chosen = [name for name in names if type(model.get_submodule(name)) is nn.Linear and name != output_name]
+        chosen = [name for name in names if name != output_name
+                  and (type(model.get_submodule(name)) is nn.Linear or is_linear_4bit(model.get_submodule(name)))]
     else:
         chosen = [name for name in names if matches_target(targets, name)]
     if not chosen:
@@ -134,9 +142,17 @@ def targeted_linears(model: nn.Module, target_modules) -> list[str]:
         module = model.get_submodule(name)
         if isinstance(module, FusedLoRALinear):
             raise ValueError(f"target_modules: module {name!r} already is a FusedLoRALinear")
+        if is_linear_4bit(module):
+            if not plain_linear_4bit(module):
+                raise ValueError(f"target_modules: module {name!r} is a {type(module).__name__} with its own or a "
+                                 f"patched forward or forward hooks; fused_lora takes only a plain Linear4bit")
+            weight_4bit(module.weight, f"target_modules: module {name!r}'s weight")  # readable in place
+            continue
+        refuse_8bit(f"target_modules: module {name!r}", module)
         if not isinstance(module, nn.Linear) or _is_quantised(module):
             raise ValueError(f"target_modules: module {name!r} is a {type(module).__name__}; fused_lora "
-                             f"supports only torch.nn.Linear with a floating-point weight")
+                             f"supports only torch.nn.Linear with a floating-point weight, or bitsandbytes' "
+                             f"Linear4bit")
     return chosen
 
 
@@ -226,7 +242,12 @@ def fused_adapter(module, x: torch.Tensor | None = None) -> tuple[str | None, st
     if getattr(module, "fan_in_fan_out", False):
         return None, "it uses fan_in_fan_out=True"
     base = children["base_layer"]
-    if not _plain_linear(base):
+    four_bit = type(module) is not _FUSED_PEFT_LINEAR and is_linear_4bit(base)
+    if four_bit:
+        reason = _linear_4bit_reason(base)
+        if reason is not None:
+            return None, reason
+    elif not _plain_linear(base):
         return None, f"its base layer is a {type(base).__name__}, not a plain unquantised nn.Linear"
     if _global_module_hooks():
         return None, "global module forward hooks are registered"
@@ -241,7 +262,11 @@ def fused_adapter(module, x: torch.Tensor | None = None) -> tuple[str | None, st
         return None, "the input is not a (..., in_features) tensor"
     device_type = x.device.type
     x_dtype = _autocast_dtype(x, device_type)
-    if x_dtype not in SUPPORTED_DTYPES or _autocast_dtype(base.weight, device_type) != x_dtype \
+    if four_bit:
+        reason = _linear_4bit_dtype_reason(base, x, x_dtype)
+        if reason is not None:
+            return None, reason
+    elif x_dtype not in SUPPORTED_DTYPES or _autocast_dtype(base.weight, device_type) != x_dtype \
             or _autocast_dtype(base.bias, device_type) not in (None, x_dtype):
         return None, f"the input ({x.dtype}) and the base layer ({base.weight.dtype}) differ in dtype"
     adapter_dtype = weight_A.dtype
@@ -257,18 +282,53 @@ def fused_adapter(module, x: torch.Tensor | None = None) -> tuple[str | None, st
     return adapter, None
 
 
+def _linear_4bit_reason(base) -> str | None:
+    """Why the fused op would not compute what bitsandbytes' ``Linear4bit`` does (input-independent part),
+    or None."""
+    if not plain_linear_4bit(base):
+        return (f"its base layer is a {type(base).__name__} with its own or a patched forward or forward hooks, "
+                f"not a plain bitsandbytes Linear4bit")
+    try:
+        weight_4bit(base.weight, "its base layer's weight")
+    except (TypeError, ValueError) as error:
+        return str(error)
+    return None
+
+
+def _linear_4bit_dtype_reason(base, x: torch.Tensor, x_dtype) -> str | None:
+    """Why the fused op, computing in x's dtype, would differ from ``Linear4bit.forward`` on this input, or None.
+
+    Linear4bit casts x to its ``compute_dtype`` (when set) and its result back to x's dtype; under
+    autocast its result is cast back to x's own dtype too. The fused op computes in x's (autocast)
+    dtype: the same when the compute dtype is x's, and x is already in the autocast dtype.
+    """
+    if x_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the input is {x.dtype}; a 4-bit base computes in float16, bfloat16 or float32"
+    if x_dtype != x.dtype:
+        return f"autocast to {x_dtype} with an input in {x.dtype} (Linear4bit returns the input's dtype)"
+    compute_dtype = base.compute_dtype
+    if compute_dtype is not None and compute_dtype != x_dtype:
+        return f"its Linear4bit computes in {compute_dtype} (compute_dtype), the input is {x_dtype}"
+    return None
+
+
 def _fused_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """``FusedPeftLinear.forward``: the fused op when it computes PEFT's result, else PEFT's forward."""
     adapter = None
     if not args and not kwargs:  # adapter_names (mixed batches), variant kwargs: PEFT's business
         adapter, _ = fused_adapter(module, x)
     if adapter is None:
-        return _peft_lora_types()[1].forward(module, x, *args, **kwargs)
+        return module._peft_forward(x, *args, **kwargs)
     children = module._modules
     base = children["base_layer"]
     dropout = children["lora_dropout"][adapter]
     p = float(dropout.p) if type(dropout) is nn.Dropout else 0.0
-    return fused_lora_linear(x, base.weight, base.bias, children["lora_A"][adapter].weight,
+    bias = base.bias
+    if bias is not None and type(module) is not _FUSED_PEFT_LINEAR:
+        dtype = _autocast_dtype(x, x.device.type)
+        if bias.dtype != dtype:  # Linear4bit casts its bias to the input's dtype (in place; here a copy)
+            bias = bias.to(dtype)
+    return fused_lora_linear(x, base.weight, bias, children["lora_A"][adapter].weight,
                              children["lora_B"][adapter].weight, float(module.scaling[adapter]), p,
                              training=bool(dropout.training), backend=module.fused_lora_backend)
 
@@ -289,20 +349,71 @@ def fused_peft_linear_type():
                        "``fused_lora_backend``: None (automatic) or a backend name.",
             "fused_lora_backend": None,
             "forward": _fused_forward,
+            "_peft_forward": peft_linear.forward,
             "fused_adapter": fused_adapter,
         })
     return _FUSED_PEFT_LINEAR
 
 
+_FUSED_PEFT_LINEAR_4BIT = None
+
+
+def _peft_linear_4bit_type():
+    """PEFT's ``peft.tuners.lora.bnb.Linear4bit``, or None. NOTE: never imports bitsandbytes (nor PEFT's bnb
+    module, which would): a model holding such a layer has imported both."""
+    if "bitsandbytes" not in sys.modules:
+        return None
+    module = sys.modules.get("peft.tuners.lora.bnb")
+    return getattr(module, "Linear4bit", None) if module is not None else None
+
+
+def fused_peft_linear_4bit_type():
+    """The class ``FusedPeftLinear4bit``: PEFT's ``bnb.Linear4bit`` LoRA layer (QLoRA) with a fused forward."""
+    global _FUSED_PEFT_LINEAR_4BIT
+    if _FUSED_PEFT_LINEAR_4BIT is None:
+        peft_linear_4bit = _peft_linear_4bit_type()
+        if peft_linear_4bit is None:
+            import importlib
+
+            from ..quantized import require_bitsandbytes
+
+            require_bitsandbytes()
+            peft_linear_4bit = importlib.import_module("peft.tuners.lora.bnb").Linear4bit
+        _FUSED_PEFT_LINEAR_4BIT = type("FusedPeftLinear4bit", (peft_linear_4bit,), {
+            "__module__": __name__,
+            "__qualname__": "FusedPeftLinear4bit",
+            "__doc__": "PEFT's ``bnb.Linear4bit`` LoRA layer over a bitsandbytes 4-bit base, whose forward runs "
+                       "``fused_lora_linear``\n(the 4-bit weight read in place) when that computes what PEFT would "
+                       "(see ``fused_adapter``), and PEFT's own forward otherwise.",
+            "fused_lora_backend": None,
+            "forward": _fused_forward,
+            "_peft_forward": peft_linear_4bit.forward,
+            "fused_adapter": fused_adapter,
+        })
+    return _FUSED_PEFT_LINEAR_4BIT
+
+
 def __getattr__(name):
-    # NOTE: the class exists only once peft is imported; created on first use, also by pickle.
+    # NOTE: the classes exist only once peft (and bitsandbytes) are imported; created on first use, also by pickle.
     if name == "FusedPeftLinear":
         return fused_peft_linear_type()
+    if name == "FusedPeftLinear4bit":
+        return fused_peft_linear_4bit_type()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _check_convertible(name: str, module, peft_linear_type) -> None:
-    """Refuse what could never take the fused path (a layer type, a base layer, a variant the user chose)."""
+    """Refuse what could never take the fused path (a layer type, a base layer, a variant the user chose).
+    Returns the fused class the module becomes."""
+    linear_4bit = _peft_linear_4bit_type()
+    if linear_4bit is not None and type(module) in (linear_4bit, _FUSED_PEFT_LINEAR_4BIT):
+        base = module.get_base_layer()
+        refuse_8bit(f"from_peft: module {name!r}'s base layer", base)
+        if not is_linear_4bit(base):
+            raise ValueError(f"from_peft: module {name!r} is PEFT's bnb.Linear4bit over a {type(base).__name__}; "
+                             f"expected a bitsandbytes Linear4bit base")
+        _check_adapters(name, module)
+        return fused_peft_linear_4bit_type()
     if type(module) not in (peft_linear_type, fused_peft_linear_type()):  # a subclass may compute otherwise
         base = module.get_base_layer() if hasattr(module, "get_base_layer") else None
         kind = "a quantised base layer" if base is not None and _is_quantised(base) else "this layer type"
@@ -317,6 +428,11 @@ def _check_convertible(name: str, module, peft_linear_type) -> None:
         raise ValueError(f"from_peft: module {name!r} has a base layer {type(base).__name__} with weight dtype "
                          f"{getattr(getattr(base, 'weight', None), 'dtype', None)}; fused_lora supports only "
                          f"unquantised torch.nn.Linear bases (quantised base layers are not supported)")
+    _check_adapters(name, module)
+    return fused_peft_linear_type()
+
+
+def _check_adapters(name: str, module) -> None:
     for adapter in module.active_adapters:
         if adapter not in module.lora_A:
             continue
@@ -342,9 +458,12 @@ def from_peft(peft_model: nn.Module, *, backend: str | None = None) -> nn.Module
     ``merge_and_unload``, ``unload``, ``disable_adapter()``, ``set_adapter``, ``add_adapter``.
     A call takes the fused path while PEFT would compute plain LoRA with one active adapter
     and PEFT's own forward otherwise (``module.fused_adapter(x)`` says which, and why).
+    PEFT's ``bnb.Linear4bit`` layers (QLoRA: a bitsandbytes 4-bit base, NF4 or FP4) become
+    ``FusedPeftLinear4bit`` likewise; their ``Params4bit`` is read in place, never copied or changed.
     Refused with a ValueError naming the module, before anything changes: layer types other
-    than ``lora.Linear``, quantised bases, ``fan_in_fan_out``, and active adapters using DoRA
-    or another variant, ``lora_bias`` or a dropout other than ``nn.Dropout``.
+    than ``lora.Linear`` and ``lora.bnb.Linear4bit``, other quantised bases (8-bit among them),
+    ``fan_in_fan_out``, and active adapters using DoRA or another variant, ``lora_bias`` or a
+    dropout other than ``nn.Dropout``.
     ``backend``: None (automatic), "triton", "cpu" or "torch". Returns ``peft_model``.
     """
     if not isinstance(peft_model, nn.Module):
@@ -357,10 +476,8 @@ def from_peft(peft_model: nn.Module, *, backend: str | None = None) -> nn.Module
     found = [(name, module) for name, module in peft_model.named_modules() if isinstance(module, lora_layer_type)]
     if not found:
         raise ValueError("peft_model: found no PEFT LoRA layer in the model")
-    for name, module in found:
-        _check_convertible(name, module, peft_linear_type)
-    fused_type = fused_peft_linear_type()
-    for _, module in found:
+    fused_types = [_check_convertible(name, module, peft_linear_type) for name, module in found]
+    for (_, module), fused_type in zip(found, fused_types):
         module.__class__ = fused_type
         module.fused_lora_backend = backend
     return peft_model
@@ -409,11 +526,11 @@ class PeftAdapterView:
 def lora_layers(model: nn.Module) -> list[tuple[str, FusedLoRALinear]]:
     """The (qualified name, layer) pairs of every FusedLoRALinear in ``model``; a module converted by
     ``from_peft`` appears as a ``PeftAdapterView`` of its active adapter."""
-    fused_type = _FUSED_PEFT_LINEAR
+    fused_types = tuple(t for t in (_FUSED_PEFT_LINEAR, _FUSED_PEFT_LINEAR_4BIT) if t is not None)
     layers = []
     for name, module in model.named_modules():
         if isinstance(module, FusedLoRALinear):
             layers.append((name, module))
-        elif fused_type is not None and isinstance(module, fused_type):
+        elif fused_types and isinstance(module, fused_types):
             layers.append((name, PeftAdapterView(name, module)))
     return layers

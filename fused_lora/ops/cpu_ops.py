@@ -108,6 +108,17 @@ def keep_mask(seed: int, rows: int, cols: int, dropout_p: float, device) -> torc
     return mask.to(device)
 
 
+def dequantize_4bit(weight, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (N, K) = the dense weight of a 4-bit ``Weight4bit`` (csrc/dequantize_4bit.cpp; bit-exact
+    against the torch backend's and bitsandbytes' ``dequantize_4bit``)."""
+    offset = weight.offset
+    if weight.nested:
+        offset = float(offset) if not isinstance(offset, torch.Tensor) else offset.item()
+        return _C.dequantize_4bit(weight.packed, weight.absmax, weight.code, weight.nested_absmax,
+                                  weight.nested_code, offset, weight.blocksize, weight.nested_blocksize, out)
+    return _C.dequantize_4bit(weight.packed, weight.absmax, weight.code, None, None, 0.0, weight.blocksize, 0, out)
+
+
 def random_uint16(seed: int, start: int, count: int) -> torch.Tensor:
     """The 16-bit values of flattened elements ``start .. start + count - 1`` (as ``philox.random_uint16``)."""
     return _C.random_uint16(seed, start, count)

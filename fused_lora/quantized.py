@@ -279,7 +279,8 @@ def weight_4bit(weight, name: str = "weight") -> Weight4bit:
         raise ValueError(f"{name}: expected quant_state.absmax of {blocks} {expected} values, got "
                          f"{None if absmax is None else (absmax.dtype, tuple(absmax.shape))}")
     dtype = state.dtype if state.dtype in DENSE_DTYPES else torch.float32
-    return Weight4bit(data.reshape(-1), shape, blocksize, quant_type, code, absmax.reshape(-1), nested,
+    return Weight4bit(data.reshape(-1), shape, blocksize, quant_type, code,
+                      absmax if absmax.dim() == 1 else absmax.reshape(-1), nested,
                       nested_code, nested_absmax, nested_blocksize, offset, dtype)
 
 

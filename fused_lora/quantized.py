@@ -233,7 +233,10 @@ def weight_4bit(weight, name: str = "weight") -> Weight4bit:
             f"(quant_state.packing_format_for_cpu=True; done by Linear4bit.forward in eval mode, on an input that "
             f"needs no gradient, on CPUs with AVX512-BF16). That layout (absmax rounded to bf16, nibbles "
             f"interleaved in 32-row panels) is not the stored 4-bit weight; fused_lora reads only the stored "
-            f"layout. Reload the weights, or convert them before running the Linear4bit in eval mode")
+            f"layout. Load the weights again, or undo it as bitsandbytes does before saving or moving a weight: "
+            f"weight.data, weight.quant_state = bitsandbytes.functional._convert_weight_packed_for_cpu_inverse("
+            f"weight.data, weight.quant_state); to avoid it, run the 4-bit model in train mode (or on an input that "
+            f"requires grad) before putting LoRA on it")
     quant_type = state.quant_type
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"{name}: expected a 4-bit quant_type 'nf4' or 'fp4', got {quant_type!r}")

@@ -112,6 +112,8 @@ class FusedLoRAFunction(torch.autograd.Function):
 
     ``seed``: None (no dropout), an int in [0, 2**63), or a 0-d int64 tensor holding one;
     required when ``dropout_p > 0``. ``backend``: "triton", "cpu" or "torch".
+    ``weight``: a dense (N, K) tensor, or a bitsandbytes 4-bit ``Params4bit`` (a
+    ``fused_lora.quantized.Weight4bit``), computed in x's dtype.
     dropout_p, seed and backend are checked here; the tensors' shapes, dtypes and devices are
     not (``fused_lora_linear`` checks them, on its fast path): call it with what
     ``fused_lora_linear`` accepts.

@@ -254,6 +254,18 @@ def test_function_and_layer_take_a_params4bit():
         module.merge()
 
 
+def test_autocast_dequantizes_to_the_autocast_dtype():
+    layer4 = linear_4bit(32, 64, seed=10)
+    A, B = _adapters(64, 32, 3, torch.float32)
+    x = torch.randn(5, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fused_lora_linear(x, layer4.weight, layer4.bias, A, B, 1.0)
+    assert y.dtype == torch.bfloat16
+    expected = lora_linear_reference(x.bfloat16().double(), dequantize(layer4.weight, torch.bfloat16).double(),
+                                     layer4.bias.bfloat16().double(), A.double(), B.double(), 1.0)
+    assert_close_scaled("y", y.double(), expected, lora_reductions(5, 64, 32, 3)["y"], dtype=torch.bfloat16)
+
+
 def test_layer_casts_a_bias_of_another_dtype_as_linear4bit_does():
     layer4 = linear_4bit(32, 64, dtype=torch.float32, seed=9)  # fp32 bias
     module = FusedLoRALinear.from_linear(layer4, r=2).eval()

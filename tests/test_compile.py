@@ -141,10 +141,12 @@ def test_compiled_dropout_with_explicit_seed_matches_eager():
         assert_close_scaled(name, a, e, 21 + 16 + 24 + 8)  # the longest chain of sums in these layers
 
 
-def test_compiled_seed_draw_follows_torch_manual_seed(monkeypatch):
+@torch._inductor.config.patch(fallback_random=True)
+def test_compiled_seed_draw_follows_torch_manual_seed():
     # With fallback_random, inductor draws from torch's generator exactly as eager does:
     # the compiled model must then drop the same elements as the eager one.
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    # NOTE: config.patch, not monkeypatch.setattr: monkeypatch's undo deletes the attribute, which
+    # torch's config module takes as hiding the option (AttributeError in every later compile).
     model = TwoLayers(0.5, "torch").train()
     x = torch.randn(6, 16)
     torch.manual_seed(21)

@@ -86,6 +86,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out (N, K) = the dense weight of a bitsandbytes 4-bit weight, bit-exact", py::arg("packed"),
         py::arg("absmax"), py::arg("code"), py::arg("nested_absmax"), py::arg("nested_code"), py::arg("offset"),
         py::arg("blocksize"), py::arg("nested_blocksize"), py::arg("out"), release_gil());
+  m.def("gemm_4bit", &fused_lora::gemm_4bit,
+        "out += a W^T (transposed) or a W for a 4-bit W, dequantized tile by tile (few rows, fp32)", py::arg("a"),
+        py::arg("packed"), py::arg("absmax"), py::arg("code"), py::arg("nested_absmax"), py::arg("nested_code"),
+        py::arg("offset"), py::arg("blocksize"), py::arg("nested_blocksize"), py::arg("out_features"),
+        py::arg("in_features"), py::arg("transposed"), py::arg("out"), release_gil());
   m.def(
       "lora_backward",
       [](const at::Tensor& dy, const std::optional<at::Tensor>& x, const at::Tensor& weight,

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "dequantize_4bit.h"
 #include "lora_cpu.h"
 #include "simd.h"
 
@@ -194,6 +195,19 @@ void dequantize_blocks(const uint8_t* packed, const float* code, const float* a,
 #endif
   dequantize_blocks_baseline(packed, code, a, blocksize, begin, end, out);
 }
+
+}  // namespace
+
+void dequantize_range(const Weight4bitView& w, int64_t begin, int64_t end, float* out, float* scales) {
+  const int64_t first_block = begin / w.blocksize;
+  const int64_t count = (end - begin + w.blocksize - 1) / w.blocksize;
+  block_scales(w.absmax_u8, w.absmax_f32, w.nested_code, w.nested_absmax, w.nested_blocksize, w.offset, first_block,
+               count, scales);
+  // NOTE: begin is block-aligned and blocks are even-sized: the range starts on a whole byte.
+  dequantize_blocks(w.packed + begin / 2, w.code, scales, w.blocksize, 0, end - begin, out);
+}
+
+namespace {
 
 template <typename out_t>
 void dequantize_all(const uint8_t* packed, const float* code, const uint8_t* absmax_u8, const float* absmax_f32,

@@ -56,4 +56,13 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, c
                            const std::optional<at::Tensor>& nested_code, double offset, int64_t blocksize,
                            int64_t nested_blocksize, at::Tensor out);
 
+// The base GEMM of a bitsandbytes 4-bit weight W (N, K) for few rows, dequantized tile by tile
+// (gemm_4bit.cpp): transposed: out (T, N) += a (T, K) W^T; else out (T, K) += a (T, N) W. fp32;
+// blocksize a multiple of 16 dividing K. Returns out.
+at::Tensor gemm_4bit(const at::Tensor& a, const at::Tensor& packed, const at::Tensor& absmax,
+                     const at::Tensor& code, const std::optional<at::Tensor>& nested_absmax,
+                     const std::optional<at::Tensor>& nested_code, double offset, int64_t blocksize,
+                     int64_t nested_blocksize, int64_t out_features, int64_t in_features, bool transposed,
+                     at::Tensor out);
+
 }  // namespace fused_lora

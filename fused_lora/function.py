@@ -32,7 +32,7 @@ from .ops import custom_ops
 from .ops.backends import backend_ops, saves_keep_bits
 from .checks import MAX_SEED, check_dropout_p, check_seed, check_seed_tensor
 from .ops.torch_ops import accumulation_dtype
-from .quantized import Weight4bit, dequantized, is_params_4bit, weight_4bit
+from .quantized import Weight4bit, is_params_4bit, lora_backward_4bit, lora_forward_4bit, weight_4bit
 
 
 def seed_argument(seed):
@@ -68,11 +68,6 @@ def as_weight_4bit(weight):
     if type(weight) is torch.Tensor or type(weight) is torch.nn.Parameter or not is_params_4bit(weight):
         return None
     return weight_4bit(weight)
-
-
-def _stand_in(w4: Weight4bit, dtype: torch.dtype) -> torch.Tensor:
-    """A dense-looking (N, K) tensor of one element, for a backward that does not read the weight (no dx)."""
-    return w4.packed.new_empty((1, 1), dtype=dtype).expand(w4.shape)
 
 
 def _element(t: torch.Tensor) -> torch.Tensor:
@@ -160,8 +155,7 @@ class FusedLoRAFunction(torch.autograd.Function):
                 if w4 is None:
                     y2d = ops.lora_forward(x2d, weight, bias, lora_B, xa, scaling)
                 else:
-                    with dequantized(w4, x2d.dtype, backend) as dense:
-                        y2d = ops.lora_forward(x2d, dense, bias, lora_B, xa, scaling)
+                    y2d = lora_forward_4bit(backend, x2d, w4, bias, lora_B, xa, scaling)
         # NOTE: x is needed only for dA; skip the reference when lora_A is frozen.
         needs_dA = ctx.needs_input_grad[3]
         seed_tensor = seed if isinstance(seed, torch.Tensor) else None
@@ -212,17 +206,13 @@ class FusedLoRAFunction(torch.autograd.Function):
         else:
             create_graph = torch.is_grad_enabled()
             with _no_autocast(dy2d.device), (torch.no_grad() if create_graph else contextlib.nullcontext()):
-                ops = backend_ops(ctx.backend)
                 if w4 is None:
-                    dx, dA, dB = ops.lora_backward(dy2d, x2d, weight, lora_A, lora_B, xa, ctx.scaling, seed,
-                                                   ctx.dropout_p, bits, needs_dx, needs_dA, needs_dB)
-                elif not needs_dx:  # the weight is read only for dx
-                    dx, dA, dB = ops.lora_backward(dy2d, x2d, _stand_in(w4, dy2d.dtype), lora_A, lora_B, xa,
-                                                   ctx.scaling, seed, ctx.dropout_p, bits, False, needs_dA, needs_dB)
+                    dx, dA, dB = backend_ops(ctx.backend).lora_backward(
+                        dy2d, x2d, weight, lora_A, lora_B, xa, ctx.scaling, seed, ctx.dropout_p, bits, needs_dx,
+                        needs_dA, needs_dB)
                 else:
-                    with dequantized(w4, dy2d.dtype, ctx.backend) as dense:
-                        dx, dA, dB = ops.lora_backward(dy2d, x2d, dense, lora_A, lora_B, xa, ctx.scaling, seed,
-                                                       ctx.dropout_p, bits, needs_dx, needs_dA, needs_dB)
+                    dx, dA, dB = lora_backward_4bit(ctx.backend, dy2d, x2d, w4, lora_A, lora_B, xa, ctx.scaling,
+                                                    seed, ctx.dropout_p, bits, needs_dx, needs_dA, needs_dB)
         dx = (dx if len(ctx.x_shape) == 2 else dx.view(ctx.x_shape)) if needs_dx else None
         dA, dB = (dA if needs_dA else None), (dB if needs_dB else None)
         if create_graph:

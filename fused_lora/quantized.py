@@ -377,6 +377,41 @@ def dequantized(w4: Weight4bit, dtype: torch.dtype, backend: str):
         _give_back(buffer)
 
 
+def lora_forward_4bit(backend: str, x2d, w4: Weight4bit, bias, lora_B, xa, scaling):
+    """The backend's ``lora_forward`` on a 4-bit weight: its own 4-bit path where it has one for the call
+    (the cpu backend's tiled GEMM for few rows), else dequantized into the reused buffer."""
+    from .ops.backends import backend_ops
+
+    ops = backend_ops(backend)
+    tiled = getattr(ops, "lora_forward_4bit", None)
+    y = tiled(x2d, w4, bias, lora_B, xa, scaling) if tiled is not None else None
+    if y is None:
+        with dequantized(w4, x2d.dtype, backend) as dense:
+            y = ops.lora_forward(x2d, dense, bias, lora_B, xa, scaling)
+    return y
+
+
+def lora_backward_4bit(backend: str, dy, x2d, w4: Weight4bit, lora_A, lora_B, xa, scaling, seed, dropout_p, bits,
+                       needs_dx, needs_dA, needs_dB):
+    """The backend's ``lora_backward`` on a 4-bit weight (read for dx only): its own 4-bit path where it has
+    one, else dequantized into the reused buffer (nothing dequantized without dx)."""
+    from .ops.backends import backend_ops
+
+    ops = backend_ops(backend)
+    if not needs_dx:
+        stand_in = w4.packed.new_empty((1, 1), dtype=dy.dtype).expand(w4.shape)  # a weight nobody reads
+        return ops.lora_backward(dy, x2d, stand_in, lora_A, lora_B, xa, scaling, seed, dropout_p, bits, False,
+                                 needs_dA, needs_dB)
+    tiled = getattr(ops, "lora_backward_4bit", None)
+    grads = tiled(dy, x2d, w4, lora_A, lora_B, xa, scaling, seed, dropout_p, bits, needs_dx, needs_dA,
+                  needs_dB) if tiled is not None else None
+    if grads is None:
+        with dequantized(w4, dy.dtype, backend) as dense:
+            grads = ops.lora_backward(dy, x2d, dense, lora_A, lora_B, xa, scaling, seed, dropout_p, bits, needs_dx,
+                                      needs_dA, needs_dB)
+    return grads
+
+
 def dequantize(weight, dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor:
     """A new dense (N, K) tensor of a 4-bit weight (``Params4bit`` or ``Weight4bit``), in ``dtype``
     (default: the quant_state's dtype); bit-exact against bitsandbytes' ``dequantize_4bit``."""

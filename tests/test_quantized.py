@@ -148,15 +148,37 @@ for rows, cols, blocksize, nested in [(7, 33, 64, True), (64, 64, 64, False), (3
         expected = torch_ops.dequantize_4bit(w4, torch.empty(rows, cols, dtype=dtype))
         got = cpu_ops.dequantize_4bit(w4, torch.empty(rows, cols, dtype=dtype))
         assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), (rows, cols, dtype)
+torch.save(t._tiled_gemm_results(), {path!r})
 print("ok")
 """
 
 
+def _tiled_gemm_results():
+    """(out, expected fp64, n) of the cpu backend's tiled 4-bit GEMMs (_C.gemm_4bit), both directions, on
+    random 4-bit weights: row and column counts that leave tails in every ISA level's register blocks."""
+    from fused_lora.ops import cpu_ops
+
+    results = []
+    for rows, N, K, blocksize, nested in [(1, 37, 64, 64, True), (5, 19, 128, 32, False), (9, 16, 768, 256, True),
+                                          (18, 33, 320, 64, False)]:
+        w4 = _random_weight_4bit(N, K, blocksize, nested, "nf4", rows)
+        dense = dequantize(w4, torch.float64, backend="torch")
+        gen = torch.Generator().manual_seed(rows)
+        for transposed in (True, False):
+            a = torch.randn(rows, K if transposed else N, generator=gen)
+            start = torch.randn(rows, N if transposed else K, generator=gen)
+            out = cpu_ops._gemm_4bit(a, w4, start.clone(), transposed)
+            expected = start.double() + (a.double() @ (dense.t() if transposed else dense))
+            results.append((out, expected, K if transposed else N))
+    return results
+
+
 @pytest.mark.skipif(not _runs_on("cpu", torch.device("cpu")), reason="the C++ extension is not built")
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
-def test_cpu_dequantize_is_bit_exact_on_every_isa_level(isa):
-    """The C++ loops of every ISA level (FUSED_LORA_ISA caps it, read once per process) against the torch
-    backend, on random bytes and statistics; a level above this CPU's is not tested."""
+def test_cpu_dequantize_and_tiled_gemm_on_every_isa_level(isa, tmp_path):
+    """The C++ loops of every ISA level (FUSED_LORA_ISA caps it, read once per process): the dequantization
+    bit for bit against the torch backend, the tiled GEMMs against fp64, and bit-identical between avx2 and
+    avx512 (same summation order, FMA on both); a level above this CPU's is not tested."""
     from fused_lora.ops import cpu_ops
 
     from fused_lora import _C  # type: ignore[attr-defined]
@@ -164,13 +186,20 @@ def test_cpu_dequantize_is_bit_exact_on_every_isa_level(isa):
     levels = ["baseline", "avx2", "avx512"]
     if levels.index(isa) > levels.index(_C.cpu_isa()):
         pytest.skip(f"this CPU's best level is {_C.cpu_isa()}")
+    path = str(tmp_path / "gemm.pt")
     if isa == cpu_ops.ISA:
-        exec(CHECK_ISA.format(isa=isa), {"__name__": "check"})
-        return
-    env = dict(os.environ, FUSED_LORA_ISA=isa, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
-    result = subprocess.run([sys.executable, "-c", CHECK_ISA.format(isa=isa)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+        exec(CHECK_ISA.format(isa=isa, path=path), {"__name__": "check"})
+    else:
+        env = dict(os.environ, FUSED_LORA_ISA=isa, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+        result = subprocess.run([sys.executable, "-c", CHECK_ISA.format(isa=isa, path=path)], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+    results = torch.load(path)
+    for index, (out, expected, n) in enumerate(results):
+        assert_close_scaled(f"gemm {index}", out.double(), expected, n + 1, dtype=torch.float32)
+    if isa == "avx2" and cpu_ops.ISA == "avx512":
+        for index, ((out, _, _), (here, _, _)) in enumerate(zip(results, _tiled_gemm_results())):
+            assert torch.equal(out, here), f"gemm {index}: avx2 and avx512 differ"
 
 
 def test_dequantize_buffer_is_reused_and_owned_by_the_package():
@@ -229,6 +258,31 @@ def test_outputs_and_gradients_match_an_fp64_reference(backend, dtype, quant_typ
     for name, g, e, want in zip(("y", "dx", "dA", "dB"), got, expected, (dtype, dtype, A.dtype, B.dtype)):
         assert g.dtype == want, (name, g.dtype)
         assert_close_scaled(name, g.double(), e, reductions[name], dtype=dtype)
+
+
+@pytest.mark.skipif(not _runs_on("cpu", torch.device("cpu")), reason="the C++ extension is not built")
+@pytest.mark.parametrize("T", [1, 7, 64, 65])
+def test_cpu_backend_tiles_few_rows_and_buffers_more(T, monkeypatch):
+    """Up to MAX_ROWS_4BIT_TILED fp32 rows the cpu backend's base GEMMs dequantize tile by tile; above, into the
+    buffer. Both compute the reference's outputs and gradients."""
+    from fused_lora.ops import cpu_ops
+
+    calls = []
+    real = cpu_ops._gemm_4bit
+    monkeypatch.setattr(cpu_ops, "_gemm_4bit", lambda *args: calls.append(args[-1]) or real(*args))
+    K, N, r, p = 192, 37, 3, 0.25
+    layer = linear_4bit(N, K, nested=T % 2 == 1, seed=T)
+    A, B = _adapters(K, N, r, torch.float32, seed=T)
+    x = torch.randn(T, K, requires_grad=True)
+    dy = torch.randn(T, N)
+    A_, B_ = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+    y = fused_lora_linear(x, layer.weight, layer.bias, A_, B_, 0.7, p, seed=5, backend="cpu")
+    got = [y] + list(torch.autograd.grad(y, (x, A_, B_), dy))
+    assert calls == ([True, False] if T <= cpu_ops.MAX_ROWS_4BIT_TILED else [])
+    expected = _fp64_reference(x, layer.weight, layer.bias, A, B, 0.7, dropout_mask(5, T, K, p), p, dy)
+    reductions = lora_reductions(T, K, N, r)
+    for name, g, e in zip(("y", "dx", "dA", "dB"), got, expected):
+        assert_close_scaled(name, g.double(), e, reductions[name], dtype=torch.float32)
 
 
 def test_function_and_layer_take_a_params4bit():

@@ -38,7 +38,8 @@ from torch import Tensor
 
 from .backends import backend_ops, saves_keep_bits
 from .torch_ops import accumulation_dtype
-from ..quantized import Weight4bit, dequantized
+from .. import quantized
+from ..quantized import Weight4bit
 
 LIBRARY = "fused_lora"
 
@@ -121,8 +122,8 @@ def lora_forward_4bit(x2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor,
     """``lora_forward`` with the weight given as a 4-bit weight's parts (dequantized inside)."""
     w4 = _weight_4bit(packed, absmax, code, nested_absmax, nested_code, offset, out_features, in_features, blocksize,
                       nested_blocksize, quant_type, quant_dtype)
-    with _no_autocast(x2d.device), dequantized(w4, x2d.dtype, backend) as dense:
-        return backend_ops(backend).lora_forward(x2d, dense, bias, lora_B, xa, scaling)
+    with _no_autocast(x2d.device):
+        return quantized.lora_forward_4bit(backend, x2d, w4, bias, lora_B, xa, scaling)
 
 
 @lora_forward_4bit.register_fake
@@ -141,17 +142,11 @@ def lora_backward_4bit(dy: Tensor, x2d: Optional[Tensor], packed: Tensor, absmax
     """``lora_backward`` with the weight given as a 4-bit weight's parts (dequantized inside, for dx only)."""
     w4 = _weight_4bit(packed, absmax, code, nested_absmax, nested_code, offset, out_features, in_features, blocksize,
                       nested_blocksize, quant_type, quant_dtype)
-    ops = backend_ops(backend)
     bits = keep_bits if keep_bits.numel() else None
     with _no_autocast(dy.device):
-        if needs_dx:
-            with dequantized(w4, dy.dtype, backend) as dense:
-                dx, dA, dB = ops.lora_backward(dy, x2d, dense, lora_A, lora_B, xa, scaling, _seed_arg(seed, backend),
-                                               dropout_p, bits, needs_dx, needs_dA, needs_dB)
-        else:
-            stand_in = packed.new_empty((1, 1), dtype=dy.dtype).expand(out_features, in_features)
-            dx, dA, dB = ops.lora_backward(dy, x2d, stand_in, lora_A, lora_B, xa, scaling, _seed_arg(seed, backend),
-                                           dropout_p, bits, False, needs_dA, needs_dB)
+        dx, dA, dB = quantized.lora_backward_4bit(backend, dy, x2d, w4, lora_A, lora_B, xa, scaling,
+                                                  _seed_arg(seed, backend), dropout_p, bits, needs_dx, needs_dA,
+                                                  needs_dB)
     return (dx if dx is not None else dy.new_empty((0,)),
             dA if dA is not None else lora_A.new_empty((0,)),
             dB if dB is not None else lora_B.new_empty((0,)))

@@ -19,10 +19,14 @@ code book here and in bitsandbytes' PyTorch path, to -0.0 in its C++ CPU kernel:
 values, different bits.
 
 The fused op never keeps a dense copy: the forward dequantizes into a buffer owned by
-this module (one per device and dtype, reused by every layer and call, never a user
-tensor), runs the dense path, and saves only the packed weight's references for
-backward, which dequantizes again for dx (``dequantized``). ``release_buffers()``
-frees the buffers.
+this module (one per device and dtype, grown to the largest weight, reused by every layer
+and call, never a user tensor), runs the dense path, and saves only the packed weight's
+references for backward, which dequantizes again for dx (``dequantized``).
+``release_buffers()`` frees the buffers. A backend may run its own 4-bit GEMMs for a call
+instead (``lora_forward_4bit`` / ``lora_backward_4bit`` in its ops module, returning None
+where it does not): the cpu backend dequantizes tile by tile in cache for few fp32 rows
+(``fused_lora.ops.cpu_ops.MAX_ROWS_4BIT_TILED``), where the whole buffer would cost as much as
+the GEMM.
 
 Supported: NF4 and FP4, with and without double quantization, any ``quant_storage``
 (the bytes are viewed as uint8), compute dtypes fp16, bf16, fp32 (and fp64, from the

@@ -23,7 +23,7 @@ this module (one per device and dtype, grown to the largest weight, reused by ev
 and call, never a user tensor), runs the dense path, and saves only the packed weight's
 references for backward, which dequantizes again for dx (``dequantized``).
 ``release_buffers()`` frees the buffers. A backend may run its own 4-bit GEMMs for a call
-instead (``lora_forward_4bit`` / ``lora_backward_4bit`` in its ops module, returning None
+instead (``lora_forward_4bit_tiled`` / ``lora_backward_4bit_tiled`` in its ops module, returning None
 where it does not): the cpu backend dequantizes tile by tile in cache for few fp32 rows
 (``fused_lora.ops.cpu_ops.MAX_ROWS_4BIT_TILED``), where the whole buffer would cost as much as
 the GEMM.
@@ -286,7 +286,8 @@ def weight_4bit(weight, name: str = "weight") -> Weight4bit:
         raise ValueError(f"{name}: expected quant_state.absmax of {blocks} {expected} values, got "
                          f"{None if absmax is None else (absmax.dtype, tuple(absmax.shape))}")
     dtype = state.dtype if state.dtype in DENSE_DTYPES else torch.float32
-    return Weight4bit(data.reshape(-1), shape, blocksize, quant_type, code,
+    # NOTE: exactly (N*K+1)//2 bytes (a view): storage other than uint8 may hold padding bytes after them.
+    return Weight4bit(data.reshape(-1)[:(numel + 1) // 2], shape, blocksize, quant_type, code,
                       absmax if absmax.dim() == 1 else absmax.reshape(-1), nested,
                       nested_code, nested_absmax, nested_blocksize, offset, dtype)
 
@@ -387,7 +388,7 @@ def lora_forward_4bit(backend: str, x2d, w4: Weight4bit, bias, lora_B, xa, scali
     from .ops.backends import backend_ops
 
     ops = backend_ops(backend)
-    tiled = getattr(ops, "lora_forward_4bit", None)
+    tiled = getattr(ops, "lora_forward_4bit_tiled", None)
     y = tiled(x2d, w4, bias, lora_B, xa, scaling) if tiled is not None else None
     if y is None:
         with dequantized(w4, x2d.dtype, backend) as dense:
@@ -406,7 +407,7 @@ def lora_backward_4bit(backend: str, dy, x2d, w4: Weight4bit, lora_A, lora_B, xa
         stand_in = w4.packed.new_empty((1, 1), dtype=dy.dtype).expand(w4.shape)  # a weight nobody reads
         return ops.lora_backward(dy, x2d, stand_in, lora_A, lora_B, xa, scaling, seed, dropout_p, bits, False,
                                  needs_dA, needs_dB)
-    tiled = getattr(ops, "lora_backward_4bit", None)
+    tiled = getattr(ops, "lora_backward_4bit_tiled", None)
     grads = tiled(dy, x2d, w4, lora_A, lora_B, xa, scaling, seed, dropout_p, bits, needs_dx, needs_dA,
                   needs_dB) if tiled is not None else None
     if grads is None:

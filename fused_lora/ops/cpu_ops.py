@@ -145,7 +145,7 @@ def _gemm_4bit(a, weight, out, transposed):
                         weight.nested_blocksize, weight.shape[0], weight.shape[1], transposed, out)
 
 
-def lora_forward_4bit(x2d, weight, bias, lora_B, xa, scaling):
+def lora_forward_4bit_tiled(x2d, weight, bias, lora_B, xa, scaling):
     """``lora_forward`` on a 4-bit ``Weight4bit`` with few fp32 rows, tiled (``_C.gemm_4bit``); None where the
     caller dequantizes into a buffer and runs ``lora_forward`` instead."""
     if not _tiled_4bit(x2d, weight):
@@ -158,7 +158,7 @@ def lora_forward_4bit(x2d, weight, bias, lora_B, xa, scaling):
     return _gemm_4bit(x2d if x2d.stride(1) == 1 else x2d.contiguous(), weight, y, True)
 
 
-def lora_backward_4bit(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_p, keep_bits,
+def lora_backward_4bit_tiled(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_p, keep_bits,
                        needs_dx, needs_dA, needs_dB):
     """``lora_backward`` on a 4-bit ``Weight4bit`` with few fp32 rows, dx tiled (``_C.gemm_4bit``); None where
     the caller dequantizes into a buffer and runs ``lora_backward`` instead."""

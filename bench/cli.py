@@ -106,7 +106,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end Llama row")
     parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end Llama row")
     parser.add_argument("--latency", action="store_true",
-                        help="only the latency row: fwd+bwd wall time per call at T=1 and 16 (K=N=4096 on GPU, 64 on CPU)")
+                        help="only the latency row: fwd+bwd wall time per call at T=1 and 16, or --tokens "
+                             "(K=N=4096 on GPU, 64 on CPU)")
     parser.add_argument("--warm-part", type=_option("i/n with 0 <= i < n (e.g. 0/4)", _part),
                         help="i/n: run fused_lora once on part i of n of the cases, untimed, "
                                             "to fill Triton's cache from several processes first")

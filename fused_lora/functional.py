@@ -40,8 +40,19 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
             (read by the kernels on the device: safe to capture in a CUDA
             graph). None draws one from torch's generator of x's device, and
             only when dropout is active; on CUDA the draw stays on the GPU, so
-            every replay of a captured graph draws a new mask.
-        backend: None (automatic), "triton", "cpu" or "torch".
+            every replay of a captured graph draws a new mask. With seed=None a
+            compiled call and an eager call draw different masks (as
+            ``nn.Dropout`` does under inductor, whose RNG differs from eager's).
+            A seed tensor changed in place between forward and backward: the
+            cpu backend's one-node C++ path (eager, CPU seed) uses the forward's
+            seed, the other paths raise autograd's in-place error; both are safe.
+        backend: None (automatic), "triton", "cpu" or "torch". Under
+            torch.compile the backend is chosen when the function is traced
+            (this argument, else ``FUSED_LORA_BACKEND``, else the automatic
+            choice) and fixed in the compiled code: setting
+            ``FUSED_LORA_BACKEND`` later changes eager calls only. Pass
+            ``backend=`` (a changed argument recompiles), or call
+            ``torch.compiler.reset()`` after changing the variable.
 
     Returns:
         (..., N) tensor in x's dtype.

@@ -14,7 +14,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_kernels_compile_for_sm90():
-    env = dict(os.environ, TRITON_INTERPRET="0")
+    # NOTE: the checkout first on the path, so the tool compiles this tree's kernels also where
+    # fused_lora is not pip-installed (a source checkout maps kernels/triton itself).
+    path = os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=path)
     command = [sys.executable, str(ROOT / "tools" / "compile_kernels.py"), "--arch", "90",
                "--dtypes", "bf16,fp64", "--ranks", "16"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)

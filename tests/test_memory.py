@@ -195,6 +195,14 @@ def test_config_file_and_hub_name_offline(tmp_path, capsys, monkeypatch):
     assert from_name.split("\n")[1:] == from_file.split("\n")[1:]  # all but the name line
 
 
+def test_all_linear_on_the_command_line_is_peft_all_linear(capsys):
+    # One word on the command line, as PEFT's target_modules="all-linear": every linear layer but
+    # lm_head. Llama-3-8B at r=16: 32 layers x 16 x (2 x 8192 + 2 x 5120 + 3 x 18432) = 41,943,040.
+    assert main(["--config", "llama-3-8b", "--target-modules", "all-linear", "--r", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA r=16: 41,943,040 trainable parameters" in out, out
+
+
 def test_module_entry_point():
     result = subprocess.run([sys.executable, "-m", "fused_lora.memory", "--params", "7e9", "--dtype", "bf16"],
                             capture_output=True, text=True, timeout=120, cwd=ROOT)

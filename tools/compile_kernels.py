@@ -24,11 +24,15 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from fused_lora.kernels.common import (POINTER_GEMM_CONFIGS, TMA_GEMM_CONFIGS,  # noqa: E402
                                        fitting_gemm_configs, rank_block)
+from fused_lora.kernels.dequant_4bit import _dequant_4bit_kernel  # noqa: E402
 from fused_lora.kernels.dropout_mask import _dropout_mask_kernel, _unpack_keep_bits_kernel  # noqa: E402
 from fused_lora.kernels.lora_bwd import (_lora_bwd_da_kernel, _lora_bwd_dx_kernel,  # noqa: E402
                                          _lora_bwd_dx_tma_kernel, _lora_bwd_dy_kernel, _sum_partials_kernel)
 from fused_lora.kernels.lora_fwd import _lora_fwd_kernel, _lora_fwd_tma_kernel  # noqa: E402
+from fused_lora.kernels.lora_fwd_4bit import _lora_fwd_4bit_kernel  # noqa: E402
 from fused_lora.kernels.lora_shrink import _lora_shrink_kernel  # noqa: E402
+from fused_lora.ops.triton_ops.dequant import dequant_launch_options  # noqa: E402
+from fused_lora.ops.triton_ops.forward_4bit import forward_4bit_config, forward_4bit_launch_options  # noqa: E402
 from fused_lora.ops.triton_ops.tuning import TMA_MAX_RANK_BLOCK, TUNED_TMA, _da_config, _dy_config  # noqa: E402
 
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
@@ -156,6 +160,36 @@ def variants(dtypes, ranks, all_configs, limit):
                dict(K_ALIGNED=aligned, BLOCK_M=32, BLOCK_K=64), {})
     yield ("unpack_keep_bits", _unpack_keep_bits_kernel, dict(out_ptr="*u8", bits_ptr="*u8"),
            dict(BLOCK_M=32, BLOCK_K=64), {})
+    yield from dequant_4bit_variants(dtypes)
+
+
+def dequant_4bit_variants(dtypes):
+    """The 4-bit dequantize into each 16/32-bit output dtype: nf4 / fp4, plain / nested (offset
+    on the device or a host float) at Linear4bit's blocksize 64; nf4 nested at both ends (32, 4096)."""
+    cases = [("nf4", True, True, 64), ("nf4", True, False, 64), ("nf4", False, False, 64), ("fp4", True, True, 64),
+             ("fp4", False, False, 64), ("nf4", True, True, 32), ("nf4", True, True, 4096)]
+    for dtype, (quant_type, nested, offset_ptr, blocksize) in itertools.product(
+            [d for d in dtypes if d in ("fp16", "bf16", "fp32")], cases):
+        absmax = "*u8" if nested else "*fp32"
+        constexprs, options = dequant_launch_options(blocksize, quant_type, nested, 256, offset_ptr, ELEMENT_SIZE[dtype])
+        yield (f"dequant_4bit[{quant_type} bs={blocksize}] ->{dtype} nested={nested} offset_ptr={offset_ptr}",
+               _dequant_4bit_kernel,
+               dict(packed_ptr="*u8", code_ptr="*fp32", absmax_ptr=absmax, nested_code_ptr="*fp32",
+                    nested_absmax_ptr="*fp32", offset_ptr="*fp32", out_ptr=f"*{dtype}", offset="fp32"),
+               constexprs, options)
+    # The optional fused 4-bit forward (not a default): decode-sized T, nf4 nested at blocksize 64,
+    # the absmax per column (K % 64 == 0) and per element.
+    half_or_single = [d for d in dtypes if d in ("fp16", "bf16", "fp32")]
+    for dtype, (T, K) in itertools.product(half_or_single, [(16, 4096), (64, 4100)]):
+        config = forward_4bit_config(T, 64, K, ELEMENT_SIZE[dtype])
+        precision = "ieee" if dtype == "fp32" else "tf32"
+        constexprs, options = forward_4bit_launch_options(64, "nf4", True, 256, True, True, precision, 16, config)
+        yield (f"lora_fwd_4bit[{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']}] {dtype} nf4 nested "
+               f"per_column={config['ABSMAX_PER_COLUMN']}", _lora_fwd_4bit_kernel,
+               dict(x_ptr=f"*{dtype}", packed_ptr="*u8", code_ptr="*fp32", absmax_ptr="*u8", nested_code_ptr="*fp32",
+                    nested_absmax_ptr="*fp32", offset_ptr="*fp32", bias_ptr=f"*{dtype}", xa_ptr="*fp32",
+                    b_ptr="*fp32", y_ptr=f"*{dtype}", offset="fp32", scaling="fp32"),
+               constexprs, options)
 
 
 def main():

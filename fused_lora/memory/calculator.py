@@ -5,6 +5,7 @@ Usage (also installed as the command ``fused-lora-memory``)::
     python -m fused_lora.memory --params 175e9 --dtype fp32
     python -m fused_lora.memory --shape 4096x4096 --shape 4096x1024 --r 16
     python -m fused_lora.memory --config mt0-large --target-modules q v --r 8
+    python -m fused_lora.memory --config llama-3-8b --target-modules all-linear --r 16
     python -m fused_lora.memory --config path/to/config.json --target-modules q_proj v_proj --dtype bf16
 
 A weight's shape is written in_features x out_features (``KxN``), as in the benchmark.
@@ -467,9 +468,11 @@ def main(argv: list[str] | None = None) -> int:
     if targets is None:
         names = set(linear_layer_names(model))
         targets = ["q", "v"] if {"q", "v"} <= names else ["q_proj", "v_proj"]
+    # NOTE: PEFT takes "all-linear" as a string only; on the command line it is one word.
+    lora_targets = targets[0] if len(targets) == 1 and targets[0].lower() == "all-linear" else targets
     num_params = count_model_parameters(model)
     try:
-        lora_params = count_lora_parameters(model, targets, r)
+        lora_params = count_lora_parameters(model, lora_targets, r)
     except ValueError as error:
         parser.error(str(error))
     frozen = note = None

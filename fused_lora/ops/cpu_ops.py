@@ -28,11 +28,10 @@ value raises here.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .. import _C  # type: ignore[attr-defined]
+from ..env import env_choice
 from ..philox import dropout_threshold
 
 _ENV_ERROR = _C.isa_env_error()
@@ -43,14 +42,12 @@ ISA = _C.isa()
 """The ISA level of the C++ loops in this process: "avx512", "avx2" or "baseline"."""
 
 PATHS = ("auto", "fused", "aten")
-PATH = os.environ.get("FUSED_LORA_CPU_PATH") or "auto"
-if PATH not in PATHS:
-    raise ValueError(f"environment variable FUSED_LORA_CPU_PATH: expected one of {PATHS}, got {PATH!r}")
+PATH = env_choice("FUSED_LORA_CPU_PATH", PATHS, "auto")
 
 # NOTE: the rule of fused_path, from python -m bench.cpu_dispatch (fwd+bwd of both paths and of
 # the torch backend, interleaved, 1 thread, T in {1, 16, 128, 4096}, K = N in {64, 256, 2048},
 # r in {4, 16, 32, 64, 128, 256}, p in {0, 0.1}) on an Intel Xeon, on its avx512 path and on the
-# forced avx2 path (MKL and ATen at AVX2 too); bench/results/cpu-dispatch-*.csv, README:
+# forced avx2 path (MKL and ATen at AVX2 too); bench/results/cpu-dispatch-*.csv, docs/benchmarks.md:
 # * tiny jobs (r (K + N) < 2**15 adapter elements and T r (K + N) <= 2**21): the fused path's
 #   fewer ops win at any rank (up to 1.4x);
 # * fewer rows than the rank on larger adapters: packing r (K + N) elements per call costs more

@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..checks import check_seed_value
 from .backends import backend_ops, saves_keep_bits
 from .torch_ops import accumulation_dtype
 from .. import quantized
@@ -45,7 +46,12 @@ LIBRARY = "fused_lora"
 
 
 def _seed_arg(seed: Tensor, backend: str):
-    return seed if backend == "triton" else int(seed.item())
+    """The seed as ``backend`` takes it; a CPU seed's value is checked here, as eager calls check it
+    before the Function (tracing saw no value). The triton backend reads a CUDA seed on the device."""
+    if seed.device.type != "cpu":
+        return seed
+    value = check_seed_value(int(seed.item()))
+    return seed if backend == "triton" else value
 
 
 def _no_autocast(device: torch.device):

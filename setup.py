@@ -155,8 +155,9 @@ setup(
     package_data={"fused_lora.memory": ["configs/*.json"]},
     python_requires=">=3.9",
     install_requires=[f"torch>={MIN_TORCH}", "numpy"],
+    # NOTE: qlora pins bitsandbytes: fused_lora reads its 4-bit layout (fused_lora/quantized.py) as 0.50.2 stores it.
     extras_require={"triton": ["triton>=3.6"], "test": ["pytest", "hypothesis", "peft", "transformers"],
-                    "calculator": ["transformers"]},
+                    "calculator": ["transformers"], "qlora": ["bitsandbytes==0.50.2"]},
     entry_points={"console_scripts": ["fused-lora-memory=fused_lora.memory:main"]},
     **extension_kwargs(),
 )

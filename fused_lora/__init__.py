@@ -8,7 +8,8 @@ Layout (each folder's ``__init__`` says more):
 * here: the public API and its chain, ``functional`` (``fused_lora_linear``) -> ``function``
   (``FusedLoRAFunction``, the only autograd) -> ``ops`` (the backends); ``layer``
   (``FusedLoRALinear``), ``reference`` (the eager formula), ``dropout`` and ``philox`` (the
-  mask), ``checks`` (argument checks);
+  mask), ``checks`` (argument checks), ``quantized`` (bitsandbytes 4-bit bases read in place:
+  ``pip install .[qlora]``);
 * ``ops/``: one module per backend (torch, cpu, triton) and the torch.compile custom ops;
 * ``kernels``: the Triton kernels, from the repository's ``kernels/triton/`` folder;
 * ``integrations/``: PEFT models and adapter files;

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .checks import HALF_DTYPES, SUPPORTED_DTYPES, check_dropout_p, check_rank, check_scaling, is_finite_real, plain_number
 from .functional import fused_lora_linear
+from .quantized import is_linear_4bit, is_params_4bit, plain_linear_4bit, refuse_8bit, weight_4bit
 
 
 def _check_features(name: str, value) -> int:
@@ -190,8 +191,33 @@ class FusedLoRALinear(nn.Module):
             self._remember_merged_adapter()
             self.merged = True
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        state = getattr(self.weight, "quant_state", None) if self.is_4bit else None
+        if state is not None:
+            # The keys bitsandbytes' Linear4bit writes (weight.absmax, weight.quant_map, ...), so the
+            # 4-bit weight can be read back (here, or by transformers' bitsandbytes loader).
+            weight_4bit(self.weight)  # refuses a layout it could not be read back from
+            for key, value in state.as_dict(packed=True).items():
+                destination[prefix + "weight." + key] = value if keep_vars else value.detach()
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
+        quant_keys = [key for key in state_dict if key.startswith(prefix + "weight.")]
+        if quant_keys and self.is_4bit and prefix + "weight" in state_dict:
+            # A 4-bit weight with its quant_state: a new Params4bit from the stored bytes (never written into
+            # the old one, which another module may share); the rest loads as usual.
+            stats = {key[len(prefix + "weight."):]: state_dict[key] for key in quant_keys}
+            device = self.weight.device
+            self.weight = type(self.weight).from_prequantized(state_dict[prefix + "weight"].to(device), stats,
+                                                              requires_grad=False, device=device)
+            state_dict = {key: value for key, value in state_dict.items()
+                          if key not in quant_keys and key != prefix + "weight"}
+            self._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                       error_msgs)
+            if prefix + "weight" in missing_keys:
+                missing_keys.remove(prefix + "weight")
+            return
         # NOTE: weight, the merged flag and the adapter merged into weight must stay consistent: a
         # merged layer (or a state that says merged) loads the weight and the flag together, or nothing.
         keys = {name: prefix + name in state_dict for name in ("weight", "_extra_state", "lora_A", "lora_B")}
@@ -236,9 +262,19 @@ class FusedLoRALinear(nn.Module):
         ``linear`` must compute exactly ``F.linear`` (``linear_problem``): a subclass with its own
         forward, a patched forward, or hooks on it are a ValueError, since the new layer would not
         run them. ``adapter_dtype``: as in ``FusedLoRALinear`` (None: fp32 on fp16/bf16 weights).
+
+        The one supported subclass: bitsandbytes' ``Linear4bit`` (NF4 or FP4, quantized: moved to
+        its device once; QLoRA), plain (no own forward, no hooks). ``weight`` becomes its
+        ``Params4bit``, used in place (never copied, repacked or modified); the layer computes in
+        x's dtype, its adapters are fp32 by default (PEFT's default over 4-bit bases; fp16 or
+        bf16 by ``adapter_dtype``), and it cannot be merged (that would requantize the weight). A
+        ``Linear8bitLt`` is a ValueError naming it.
         """
+        if is_linear_4bit(linear):
+            return cls._from_linear_4bit(linear, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected a torch.nn.Linear, got {type(linear).__name__}")
+        refuse_8bit("linear", linear)
         problem = linear_problem(linear)
         if problem is not None:
             raise ValueError(f"linear: the module {problem}")
@@ -255,6 +291,41 @@ class FusedLoRALinear(nn.Module):
         layer.lora_B = nn.Parameter(torch.empty(linear.out_features, layer.r, **factory))
         layer.reset_lora_parameters()
         return layer
+
+    @classmethod
+    def _from_linear_4bit(cls, linear, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype) -> "FusedLoRALinear":
+        if not plain_linear_4bit(linear):
+            raise ValueError(f"linear: a {type(linear).__name__} with its own forward, a patched forward or forward "
+                             f"hooks computes something other than bitsandbytes' Linear4bit; fused_lora takes only a "
+                             f"plain Linear4bit")
+        w4 = weight_4bit(linear.weight, "linear.weight")  # ValueError for what cannot be read in place
+        if adapter_dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"adapter_dtype: expected None, torch.float32, torch.float16 or torch.bfloat16 over a "
+                            f"4-bit base, got {adapter_dtype!r}")
+        adapter_dtype = adapter_dtype or torch.float32
+        layer = cls(linear.in_features, linear.out_features, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                    bias=linear.bias is not None, use_rslora=use_rslora, device="meta", dtype=adapter_dtype)
+        linear.weight.requires_grad_(False)
+        layer.weight = linear.weight
+        if linear.bias is not None:
+            linear.bias.requires_grad_(False)
+            layer.bias = linear.bias
+        factory = {"device": w4.device, "dtype": adapter_dtype}
+        layer.lora_A = nn.Parameter(torch.empty(layer.r, linear.in_features, **factory))
+        layer.lora_B = nn.Parameter(torch.empty(linear.out_features, layer.r, **factory))
+        layer.reset_lora_parameters()
+        return layer
+
+    @property
+    def is_4bit(self) -> bool:
+        """True when ``weight`` is a bitsandbytes 4-bit ``Params4bit`` (from ``from_linear(Linear4bit)``)."""
+        return is_params_4bit(self.weight)
+
+    def _refuse_merge_4bit(self, what: str) -> None:
+        if self.is_4bit:
+            raise RuntimeError(f"FusedLoRALinear.{what}: the base weight is 4-bit (bitsandbytes Params4bit); "
+                               f"merging would dequantize, add and requantize it (lossy) and fused_lora never modifies "
+                               f"a 4-bit weight. Merge with PEFT (merge_and_unload) or into a dequantized copy")
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B A`` in fp32 (fp64 for fp64 weights), shape (out, in)."""
@@ -277,6 +348,7 @@ class FusedLoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into ``weight`` (computed in fp32, as PEFT does)."""
+        self._refuse_merge_4bit("merge")
         if self.merged:
             raise RuntimeError("FusedLoRALinear.merge: the adapter is already merged")
         delta = self.delta_weight()
@@ -287,6 +359,7 @@ class FusedLoRALinear(nn.Module):
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract from ``weight`` the adapter that ``merge()`` added (exact up to rounding)."""
+        self._refuse_merge_4bit("unmerge")
         if not self.merged:
             raise RuntimeError("FusedLoRALinear.unmerge: the adapter is not merged")
         if self.merged_lora_A is None:  # merged set by hand: the adapter as it is now
@@ -320,10 +393,16 @@ class FusedLoRALinear(nn.Module):
             if self._merged_versions is not None and not torch.compiler.is_compiling():
                 self._check_merged_adapter()
             return F.linear(x, self.weight, self.bias)
-        return fused_lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+        bias = self.bias
+        if bias is not None and bias.dtype != x.dtype and self.is_4bit:
+            # NOTE: a 4-bit base computes in x's dtype; its bias is cast to it, as Linear4bit does (a copy of N
+            # elements per call; Linear4bit converts bias.data in place instead).
+            bias = bias.to(x.dtype)
+        return fused_lora_linear(x, self.weight, bias, self.lora_A, self.lora_B, self.scaling,
                                  self.lora_dropout, training=self.training, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
-                f"bias={self.bias is not None}, use_rslora={self.use_rslora}, merged={self.merged}")
+                f"bias={self.bias is not None}, use_rslora={self.use_rslora}, merged={self.merged}"
+                + (f", base={self.weight.quant_state.quant_type} (4-bit)" if self.is_4bit else ""))

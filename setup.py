@@ -1,6 +1,19 @@
 """fused_lora: the package fused_lora (with fused_lora.kernels from kernels/triton/),
 and the C++ CPU backend fused_lora._C (from csrc/).
 
+Install from a clone (pyproject.toml names the build tools; pip skips that list with
+--no-build-isolation, so they are installed by hand):
+
+    pip install torch                         # CPU-only machine: add --index-url https://download.pytorch.org/whl/cpu
+    pip install --upgrade setuptools wheel ninja
+    pip install --no-build-isolation -e .     # or `.` for a copy in site-packages
+    python -c "import fused_lora; print(fused_lora.available_backends())"
+
+``-e`` builds fused_lora._C inside the clone, so scripts run from the clone and from elsewhere
+use the same build. After ``pip install .``, the clone itself has no _C: importing it from the
+repository root (which comes first on sys.path) stops with an ImportError saying what to do,
+rather than silently running the checkout on the slower torch backend.
+
 Building the C++ backend needs torch installed first (so pip needs
 ``--no-build-isolation``), a C++ compiler (g++ or clang++), and preferably ninja
 (parallel, incremental builds). It is never dropped silently: without torch or a
@@ -11,6 +24,7 @@ installs the Python package alone, on purpose; CPU tensors then run on the slowe
 
 import glob
 import os
+import re
 import shutil
 import sys
 import time
@@ -57,11 +71,48 @@ def _build_extension_class(base):
     return BuildExtension
 
 
+def _env_flag(name: str) -> bool:
+    """A switch parsed as the package parses it (fused_lora/env.py, loaded by path: the package is not built yet)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fused_lora", "env.py")
+    spec = importlib.util.spec_from_file_location("_fused_lora_env", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        return module.env_flag(name, False) is True
+    except ValueError as error:
+        _stop(str(error))
+
+
+def check_wheel_tools() -> None:
+    """Stop with what to install when setuptools cannot build the wheel pip asks for.
+
+    pip with ``--no-build-isolation`` builds with the setuptools and wheel already installed, and
+    a fresh venv's are not enough: Python 3.11's setuptools 65 has no bdist_wheel without the
+    ``wheel`` package (bdist_wheel is built into setuptools since 70.1), and 3.12's venv has no
+    setuptools at all (pip then fails before this file runs).
+    """
+    if not {"bdist_wheel", "editable_wheel", "dist_info"} & set(sys.argv[1:]):
+        return
+    import setuptools
+
+    version = tuple(int(part) for part in re.findall(r"\d+", setuptools.__version__)[:2])
+    if version >= (70, 1):
+        return
+    try:
+        import wheel  # noqa: F401
+    except ImportError:
+        raise SystemExit(f"fused_lora: building a wheel with setuptools {setuptools.__version__} needs the `wheel` "
+                         f"package, which is not installed (pip's --no-build-isolation uses what is installed). "
+                         f"Run `pip install --upgrade setuptools wheel ninja`, then install again.") from None
+
+
 def extension_kwargs():
-    """ext_modules and cmdclass for fused_lora._C, or {} when FUSED_LORA_SKIP_EXT=1."""
-    if os.environ.get(SKIP_VARIABLE) == "1":
-        _message(f"{SKIP_VARIABLE}=1: installing without the C++ CPU backend (CPU tensors will run on the "
-                 f"slower 'torch' backend)")
+    """ext_modules and cmdclass for fused_lora._C, or {} when FUSED_LORA_SKIP_EXT is on (1/true/yes/on)."""
+    if _env_flag(SKIP_VARIABLE):
+        _message(f"{SKIP_VARIABLE}={os.environ[SKIP_VARIABLE]}: installing without the C++ CPU backend (CPU "
+                 f"tensors will run on the slower 'torch' backend)")
         return {}
     try:
         import torch
@@ -87,6 +138,7 @@ def extension_kwargs():
     return {"ext_modules": [extension], "cmdclass": {"build_ext": _build_extension_class(BuildExtension)}}
 
 
+check_wheel_tools()
 setup(
     name="fused_lora",
     version="0.1.0",
@@ -103,8 +155,9 @@ setup(
     package_data={"fused_lora.memory": ["configs/*.json"]},
     python_requires=">=3.9",
     install_requires=[f"torch>={MIN_TORCH}", "numpy"],
+    # NOTE: qlora pins bitsandbytes: fused_lora reads its 4-bit layout (fused_lora/quantized.py) as 0.50.2 stores it.
     extras_require={"triton": ["triton>=3.6"], "test": ["pytest", "hypothesis", "peft", "transformers"],
-                    "calculator": ["transformers"]},
+                    "calculator": ["transformers"], "qlora": ["bitsandbytes==0.50.2"]},
     entry_points={"console_scripts": ["fused-lora-memory=fused_lora.memory:main"]},
     **extension_kwargs(),
 )

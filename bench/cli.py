@@ -5,6 +5,11 @@ so every figure is also a ratio to the limit. Prints a table and writes
 <device>-<date>[-quick].{csv,json,png} (and -e2e.csv) to bench/results/scratch/
 (not tracked by git), or to bench/results/ with --publish, or to --out-dir / $OUT.
 Shapes are in_features x out_features (KxN), as in the calculator.
+
+``--base nf4``: the same over a 4-bit base (bitsandbytes NF4, QLoRA): fused_lora and PEFT over
+the same ``Linear4bit``, the frozen dense nn.Linear still the limit, a memory table (the frozen
+weights' bytes, saved / peak), and an end-to-end row for a 4-bit Llama (PEFT over bitsandbytes,
+then ``from_peft``). Needs bitsandbytes (``pip install .[qlora]``).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import sys
 import torch
 
 from . import e2e, latency, report
-from .providers import PROVIDERS
+from .providers import ALL_PROVIDERS, NF4_PROVIDERS, PROVIDERS
 from .sweep import Case, run_case
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -30,6 +35,12 @@ CPU_CASES = [(1024, 1024, 1024), (1024, 1024, 4096), (2048, 2048, 1024), (2048, 
 CPU_QUICK_CASES = [(1024, 1024, 1024)]
 GPU_SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # Llama-3-8B projections
 GPU_TOKENS = [2048, 8192, 16384]
+# --base nf4: issue 19's shapes. CPU: 2048x2048 at T 16, 1024, 4096 (fp32, r=16, p=0.1);
+# GPU: 4096x4096 and 4096x14336 at T 16, 512, 8192 (bf16, r=16).
+NF4_CPU_CASES = [(2048, 2048, 16), (2048, 2048, 1024), (2048, 2048, 4096)]
+NF4_CPU_QUICK_CASES = [(256, 256, 16)]
+NF4_GPU_SHAPES = [(4096, 4096), (4096, 14336)]
+NF4_GPU_TOKENS = [16, 512, 8192]
 
 
 def _option(expected, parse):
@@ -82,7 +93,12 @@ def parse_args(argv=None):
     parser.add_argument("--dropout", type=_option("comma-separated probabilities in [0, 1)", _probabilities),
                         help="comma-separated p (default 0,0.1)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default fp32 on CPU, bf16 on GPU")
-    parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {PROVIDERS}")
+    parser.add_argument("--base", choices=["dense", "nf4"], default="dense",
+                        help="the frozen base: dense (default) or nf4 (bitsandbytes 4-bit, QLoRA; providers "
+                             f"{NF4_PROVIDERS}; needs bitsandbytes)")
+    parser.add_argument("--providers", default=None,
+                        help=f"comma-separated subset of {ALL_PROVIDERS} (default: {PROVIDERS}, or {NF4_PROVIDERS} "
+                             f"with --base nf4)")
     positive = _option("an int >= 1", _positive_int)
     parser.add_argument("--repeats", type=positive, help="timed repeats per case (default 5 on CPU, 25 on GPU)")
     parser.add_argument("--threads", type=positive, help="torch CPU threads (default: torch's)")
@@ -90,7 +106,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end Llama row")
     parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end Llama row")
     parser.add_argument("--latency", action="store_true",
-                        help="only the latency row: fwd+bwd wall time per call at T=1 and 16 (K=N=4096 on GPU, 64 on CPU)")
+                        help="only the latency row: fwd+bwd wall time per call at T=1 and 16, or --tokens "
+                             "(K=N=4096 on GPU, 64 on CPU)")
     parser.add_argument("--warm-part", type=_option("i/n with 0 <= i < n (e.g. 0/4)", _part),
                         help="i/n: run fused_lora once on part i of n of the cases, untimed, "
                                             "to fill Triton's cache from several processes first")
@@ -162,9 +179,15 @@ def _can_plot() -> bool:
 def cases_from(args, device) -> list[Case]:
     gpu = device.type == "cuda"
     dtype = args.dtype or ("bf16" if gpu else "fp32")
-    ranks = args.ranks or ([16, 64] if gpu else [16])
-    dropouts = args.dropout or [0.0, 0.1]
-    if args.shapes or args.tokens:
+    nf4 = getattr(args, "base", "dense") == "nf4"
+    ranks = args.ranks or ([16] if nf4 else ([16, 64] if gpu else [16]))
+    dropouts = args.dropout or ([0.1] if nf4 else [0.0, 0.1])
+    if nf4 and not (args.shapes or args.tokens):
+        if gpu:
+            kn_t = [(K, N, T) for K, N in NF4_GPU_SHAPES for T in ([512] if args.quick else NF4_GPU_TOKENS)]
+        else:
+            kn_t = NF4_CPU_QUICK_CASES if args.quick else NF4_CPU_CASES
+    elif args.shapes or args.tokens:
         shapes = args.shapes or ([(4096, 4096)] if gpu else [(1024, 1024)])
         tokens = args.tokens or ([8192] if gpu else [1024])
         kn_t = [(K, N, T) for K, N in shapes for T in tokens]
@@ -209,13 +232,22 @@ def main(argv=None) -> int:
                           ("cpu" if args.device == "auto" else args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
-    providers = [p for p in args.providers.split(",") if p]
-    unknown = sorted(set(providers) - set(PROVIDERS))
+    nf4 = args.base == "nf4"
+    if nf4:
+        from fused_lora.quantized import require_bitsandbytes
+
+        try:
+            require_bitsandbytes()
+        except ImportError as error:
+            raise SystemExit(f"--base nf4: {error}") from None
+    default_providers = NF4_PROVIDERS if nf4 else PROVIDERS
+    providers = [p for p in (args.providers or ",".join(default_providers)).split(",") if p]
+    unknown = sorted(set(providers) - set(ALL_PROVIDERS))
     if unknown:
-        raise SystemExit(f"--providers: unknown {unknown}; expected a subset of {PROVIDERS}")
+        raise SystemExit(f"--providers: unknown {unknown}; expected a subset of {ALL_PROVIDERS}")
     repeats = args.repeats or (3 if args.quick else (25 if device.type == "cuda" else 5))
     if args.latency:
-        return latency.main(args, device, providers if args.providers != ",".join(PROVIDERS) else None)
+        return latency.main(args, device, providers if args.providers is not None else None)
     cases = [] if args.e2e_only else cases_from(args, device)
     if args.warm_part:
         return warm(cases, providers, device, args.warm_part)
@@ -239,13 +271,16 @@ def main(argv=None) -> int:
         rows += case_rows
     if rows:
         print(report.format_table(rows))
+        if nf4:
+            print()
+            print(report.format_memory(rows))
 
     e2e_rows = []
     if not args.no_e2e:
         size = "cuda" if device.type == "cuda" else ("cpu-quick" if args.quick else "cpu")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        for p in (0.0, 0.1):
-            e2e_rows += e2e.run(device, size, r=16, p=p, dtype=dtype, repeats=repeats)
+        for p in ((0.1,) if nf4 else (0.0, 0.1)):
+            e2e_rows += e2e.run(device, size, r=16, p=p, dtype=dtype, repeats=repeats, base=args.base)
         print()
         print(e2e.format_rows(e2e_rows))
 

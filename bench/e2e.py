@@ -1,5 +1,9 @@
 """End-to-end row: a small transformers LlamaForCausalLM (random init, no downloads) with
-LoRA on every q/k/v/o/gate/up/down projection, fused_lora against PEFT, same r, alpha, dropout."""
+LoRA on every q/k/v/o/gate/up/down projection, fused_lora against PEFT, same r, alpha, dropout.
+
+``base="nf4"``: the same Llama with every linear layer but the output head quantized to
+bitsandbytes NF4 (``Linear4bit``, double quantization, as transformers' ``load_in_4bit`` does),
+PEFT's QLoRA model over it against the same PEFT model converted with ``from_peft``."""
 
 from __future__ import annotations
 
@@ -53,21 +57,60 @@ def fused_model(size, r, lora_alpha, p, dtype, device):
     return model.train()
 
 
-def peft_model(size, r, lora_alpha, p, dtype, device):
+def peft_model(size, r, lora_alpha, p, dtype, device, base="dense"):
     import peft
 
+    model = _base_model(size, dtype, device) if base == "dense" else quantized_model(size, dtype, device)
     config = peft.LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=p, target_modules=TARGET_MODULES)
-    return peft.get_peft_model(_base_model(size, dtype, device), config).train()
+    return peft.get_peft_model(model, config).train()
 
 
-def run(device: torch.device, size_name: str, r: int, p: float, dtype: torch.dtype, repeats: int):
-    """Rows: tokens/s (median, p20, p80) of fwd+bwd and memory, for fused_lora and PEFT."""
+def quantized_model(size, dtype, device):
+    """The Llama with every ``nn.Linear`` but ``lm_head`` replaced by a frozen bitsandbytes NF4 ``Linear4bit``
+    (double quantization, compute dtype ``dtype``) quantized from its weights, as ``load_in_4bit`` loads it."""
+    from fused_lora.quantized import require_bitsandbytes
+
+    bnb = require_bitsandbytes()
+    model = _base_model(size, dtype, device)
+    model.requires_grad_(False)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear and child is not model.lm_head:
+                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=dtype, quant_type="nf4")
+                layer.weight.data = child.weight.detach().clone()
+                if child.bias is not None:
+                    layer.bias = torch.nn.Parameter(child.bias.detach().clone(), requires_grad=False)
+                setattr(module, name, layer.to(device).requires_grad_(False))  # .to() quantizes
+    model.is_loaded_in_4bit = True  # what PEFT reads to dispatch its bnb.Linear4bit LoRA layer
+    return model
+
+
+def fused_peft_model(size, r, lora_alpha, p, dtype, device):
+    import fused_lora
+
+    return fused_lora.from_peft(peft_model(size, r, lora_alpha, p, dtype, device, base="nf4"))
+
+
+def run(device: torch.device, size_name: str, r: int, p: float, dtype: torch.dtype, repeats: int,
+        base: str = "dense"):
+    """Rows: tokens/s (median, p20, p80) of fwd+bwd and memory, for fused_lora and PEFT (over a 4-bit
+    Llama with ``base="nf4"``)."""
     size = SIZES[size_name]
     batch, sequence, vocab = size[5], size[6], size[4]
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, sequence), generator=gen).to(device)
-    models = {"fused_lora": fused_model(size, r, 2 * r, p, dtype, device),
-              "peft": peft_model(size, r, 2 * r, p, dtype, device)}
+    if base == "nf4":
+        models = {"fused_lora_nf4": fused_peft_model(size, r, 2 * r, p, dtype, device),
+                  "peft_nf4": peft_model(size, r, 2 * r, p, dtype, device, base="nf4")}
+        # The same adapters in both (PEFT draws lora_A at random).
+        import peft as peft_package
+
+        peft_package.set_peft_model_state_dict(models["fused_lora_nf4"],
+                                               peft_package.get_peft_model_state_dict(models["peft_nf4"]))
+    else:
+        models = {"fused_lora": fused_model(size, r, 2 * r, p, dtype, device),
+                  "peft": peft_model(size, r, 2 * r, p, dtype, device)}
 
     def step(model):
         model.zero_grad(set_to_none=True)
@@ -99,22 +142,33 @@ def run(device: torch.device, size_name: str, r: int, p: float, dtype: torch.dty
             synchronize()
             seconds[name].append(time.perf_counter() - begin)
     tokens = batch * sequence
-    backend = _backends_used(models["fused_lora"], tokens, r, p)
+    fused_name = next(iter(models))
+    backend = _backends_used(models[fused_name], tokens, r, p)
     rows = []
     for name in models:
         med, p20, p80 = (timing.quantile(seconds[name], q) for q in timing.QUANTILES)
         kind, value = memory[name]
-        rows.append(dict(provider=name, model=f"Llama h={size[0]} ffn={size[1]} layers={size[2]} vocab={vocab}",
+        rows.append(dict(provider=name, model=f"Llama{' nf4' if base == 'nf4' else ''} h={size[0]} ffn={size[1]} "
+                                              f"layers={size[2]} vocab={vocab}",
                          tokens_per_step=tokens, r=r, p=p, dtype=str(dtype).replace("torch.", ""),
-                         backend=backend if name == "fused_lora" else "",
+                         backend=backend if name == fused_name else "",
+                         weight_bytes=_frozen_bytes(models[name]),
                          tokens_per_s=tokens / med, tokens_per_s_p20=tokens / p80, tokens_per_s_p80=tokens / p20,
                          step_ms=1e3 * med, memory_kind=kind, memory_bytes=value))
     return rows
 
 
+def _frozen_bytes(model) -> int:
+    from .providers import frozen_bytes
+
+    return frozen_bytes(model)
+
+
 def _backends_used(model, tokens, r, p) -> str:
-    """The backend (and cpu path) label of every FusedLoRALinear layer of the model, deduplicated."""
+    """The backend (and cpu path) label of every FusedLoRALinear layer (or from_peft layer) of the model,
+    deduplicated."""
     import fused_lora
+    from fused_lora.integrations.peft import lora_layers
     from fused_lora.ops.backends import backend_name_for
 
     from .report import backend_used
@@ -124,14 +178,22 @@ def _backends_used(model, tokens, r, p) -> str:
         if isinstance(module, fused_lora.FusedLoRALinear):
             name = backend_name_for(module.weight.device, module.backend)
             labels.append(backend_used(name, module.in_features, module.out_features, tokens, r, p))
+    if not labels:
+        for _, view in lora_layers(model):
+            name = backend_name_for(view.lora_A.device, None)
+            labels.append(backend_used(name, view.in_features, view.out_features, tokens, r, p))
     return "+".join(dict.fromkeys(labels))
 
 
 def format_rows(rows) -> str:
-    lines = [f"{'end-to-end fwd+bwd':<44} {'provider':<22} {'tokens/s':>10} {'p20-p80':>17} {'memory MiB':>10}"]
+    weights = any(row.get("weight_bytes") is not None for row in rows)
+    lines = [f"{'end-to-end fwd+bwd':<50} {'provider':<22} {'tokens/s':>10} {'p20-p80':>17} "
+             + (f"{'weights MiB':>11} " if weights else "") + f"{'memory MiB':>10}"]
     for row in rows:
         name = row["provider"] + (f"[{row['backend']}]" if row.get("backend") else "")
-        lines.append(f"{row['model'] + ' r=' + str(row['r']) + ' p=' + str(row['p']):<44} {name:<22} "
+        frozen = f"{row['weight_bytes'] / 2 ** 20:>11.2f} " if weights and row.get("weight_bytes") is not None else (
+            f"{'-':>11} " if weights else "")
+        lines.append(f"{row['model'] + ' r=' + str(row['r']) + ' p=' + str(row['p']):<50} {name:<22} "
                      f"{row['tokens_per_s']:>10.0f} {row['tokens_per_s_p20']:>8.0f}-{row['tokens_per_s_p80']:<8.0f} "
-                     f"{row['memory_bytes'] / 2 ** 20:>10.1f} ({row['memory_kind']})")
+                     f"{frozen}{row['memory_bytes'] / 2 ** 20:>10.1f} ({row['memory_kind']})")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""python -m bench --latency: the host path's cost, fwd+bwd wall time per call at tiny T.
+"""python -m bench --latency: the host path's cost, fwd+bwd wall time per call at tiny T (1 and 16, or --tokens).
 
 At T = 1 and 16 rows a LoRA layer's kernels take microseconds, so the time per call is
 what the Python, dispatcher and launch path costs: the figure that decides a real model
@@ -66,7 +66,7 @@ def main(args, device, providers=None) -> int:
     if "linear" not in providers:
         providers.insert(0, "linear")
     meta = report.metadata(device)
-    rows = run(device, providers, repeats=args.repeats or 7)
+    rows = run(device, providers, rows=tuple(args.tokens or (1, 16)), repeats=args.repeats or 7)
     isa = f", fused_lora ISA path {meta['isa']}" if device.type == "cpu" else ""
     print(f"latency on {meta['device_name']} ({meta['threads']} threads{isa}), torch {meta['torch']}, "
           f"triton {meta['triton']}, commit {meta['git_commit']}")

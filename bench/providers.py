@@ -12,6 +12,14 @@
   our own implementation of that strategy); p = 0 only, as in Unsloth.
 * ``eager_composite``: ``F.linear(x, W, b) + F.linear(F.linear(F.dropout(x), A), B) * s``,
   the plain eager code a LoRA layer replaces (the latency row's yardstick).
+
+With ``--base nf4`` (``NF4_PROVIDERS``), over a bitsandbytes ``Linear4bit`` (NF4, double
+quantization, compute dtype = the sweep's dtype) quantized from the same weights; the frozen
+dense ``linear`` stays the limit:
+
+* ``fused_lora_nf4``: ``FusedLoRALinear.from_linear(Linear4bit)`` (the 4-bit weight read in place);
+* ``peft_nf4``: PEFT's ``bnb.Linear4bit`` LoRA layer (QLoRA as PEFT runs it);
+* ``linear_nf4``: the frozen ``Linear4bit`` alone (bitsandbytes' own 4-bit matmul).
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ from fused_lora.ops.backends import backend_name_for
 
 PROVIDERS = ("linear", "fused_lora", "fused_lora_torch", "peft", "peft_bf16", "peft_compile", "addmm_composite",
              "eager_composite")
+NF4_PROVIDERS = ("linear", "fused_lora_nf4", "peft_nf4", "linear_nf4")
+ALL_PROVIDERS = PROVIDERS + NF4_PROVIDERS[1:]
 
 
 @dataclass
@@ -163,7 +173,66 @@ def build(provider: str, w: Weights, r: int, p: float) -> tuple[nn.Module, str]:
         if p > 0:
             raise NotImplementedError("no dropout (as Unsloth)")
         return AddmmComposite(w).train(), ""
-    raise ValueError(f"provider: expected one of {PROVIDERS}, got {provider!r}")
+    if provider == "linear_nf4":
+        return linear_4bit(w).train(), ""
+    if provider == "fused_lora_nf4":
+        layer = fused_lora.FusedLoRALinear.from_linear(linear_4bit(w), r=r, lora_alpha=w.scaling * r, lora_dropout=p)
+        with torch.no_grad():
+            layer.lora_A.data = w.lora_A.clone()
+            layer.lora_B.data = w.lora_B.clone()
+        return layer.train(), backend_name_for(device, None)
+    if provider == "peft_nf4":
+        return _peft_layer_4bit(w, r, p).train(), ""
+    raise ValueError(f"provider: expected one of {ALL_PROVIDERS}, got {provider!r}")
+
+
+def linear_4bit(w: Weights, quant_type: str = "nf4") -> nn.Module:
+    """A frozen bitsandbytes ``Linear4bit`` quantized from ``w``'s weight (NF4, double quantization, the
+    weight's dtype as compute dtype), bias as it is."""
+    from fused_lora.quantized import require_bitsandbytes
+
+    bnb = require_bitsandbytes()
+    N, K = w.weight.shape
+    layer = bnb.nn.Linear4bit(K, N, bias=w.bias is not None, compute_dtype=w.weight.dtype, quant_type=quant_type)
+    layer.weight.data = w.weight.detach().clone()
+    if w.bias is not None:
+        layer.bias = nn.Parameter(w.bias.detach().clone(), requires_grad=False)
+    return layer.to(w.weight.device).requires_grad_(False)  # .to() quantizes
+
+
+def _peft_layer_4bit(w: Weights, r: int, p: float) -> nn.Module:
+    import peft
+
+    from fused_lora.quantized import require_bitsandbytes
+
+    require_bitsandbytes()
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+    config = peft.LoraConfig(r=r, lora_alpha=w.scaling * r, lora_dropout=p)
+    layer = PeftLinear4bit(linear_4bit(w), "default", config=config, r=r, lora_alpha=w.scaling * r)
+    with torch.no_grad():
+        for adapter, value in ((layer.lora_A["default"], w.lora_A), (layer.lora_B["default"], w.lora_B)):
+            adapter.to(value.dtype)
+            adapter.weight.copy_(value)
+    return layer
+
+
+def frozen_bytes(module: nn.Module) -> int:
+    """Bytes of a provider's frozen base: its frozen parameters and, for a 4-bit weight, bitsandbytes'
+    quantization statistics (absmax, double quantization, code books)."""
+    total, seen = 0, set()
+    for param in module.parameters():
+        if param.requires_grad or param.untyped_storage().data_ptr() in seen:
+            continue
+        seen.add(param.untyped_storage().data_ptr())
+        total += param.numel() * param.element_size()
+        state = getattr(param, "quant_state", None)
+        if state is not None:
+            tensors = [state.absmax, state.code]
+            if state.nested:
+                tensors += [state.state2.absmax, state.state2.code, state.offset]
+            total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return total
 
 
 def _fused_layer(w: Weights, r: int, p: float) -> fused_lora.FusedLoRALinear:

@@ -15,7 +15,8 @@ import torch
 from .timing import MODES
 
 CSV_COLUMNS = ["K", "N", "T", "r", "p", "dtype", "provider", "backend", "mode", "status", "median_ms", "p20_ms",
-               "p80_ms", "ratio_to_linear", "ratio_p20", "ratio_p80", "tflops", "saved_bytes", "peak_bytes"]
+               "p80_ms", "ratio_to_linear", "ratio_p20", "ratio_p80", "tflops", "saved_bytes", "peak_bytes",
+               "weight_bytes"]
 META_COLUMNS = ["device", "device_name", "cpu_model", "isa", "aten_cpu_capability", "mkl_instructions", "threads",
                 "load_average", "torch", "triton", "peft", "git_commit", "date"]
 
@@ -134,6 +135,21 @@ def format_table(rows) -> str:
             lines.append(f"{case:<30} {name:<22} {cells} {_fmt(modes['fwd+bwd']['tflops'], '8.3f')} "
                          f"{_fmt(None if saved is None else saved / 2 ** 20, '9.1f')}")
         last_case = case
+    return "\n".join(lines)
+
+
+def format_memory(rows) -> str:
+    """One line per (case, provider): the frozen base's bytes (weights), and what one fwd+bwd saves for
+    backward (CPU) or its peak above the start (CUDA), in MiB."""
+    lines = [f"{'memory':<30} {'provider':<22} {'weights MiB':>11} {'saved MiB':>9} {'peak MiB':>9}"]
+    for row in rows:
+        if row["mode"] != "fwd+bwd" or row["status"] != "ok":
+            continue
+        case = f"{row['K']}->{row['N']} T={row['T']} r={row['r']} p={row['p']} {row['dtype']}"
+        mib = [None if row.get(key) is None else row[key] / 2 ** 20 for key in ("weight_bytes", "saved_bytes",
+                                                                                "peak_bytes")]
+        lines.append(f"{case:<30} {row['provider']:<22} {_fmt(mib[0], '11.2f')} {_fmt(mib[1], '9.2f')} "
+                     f"{_fmt(mib[2], '9.2f')}")
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ import torch
 from fused_lora.saved_tensors import saved_tensor_bytes
 
 from . import timing
-from .providers import Weights, build, trainable_parameters
+from .providers import Weights, build, frozen_bytes, trainable_parameters
 from .report import backend_used
 
 BASELINE = "linear"
@@ -57,7 +57,7 @@ def run_case(case: Case, providers, device, repeats: int, min_seconds: float = 0
     inputs = _inputs(case, device, count=2 if device.type == "cpu" else 4)
     x0, dy0 = inputs[0]
 
-    contestants, status, backends, saved, peaks = {}, {}, {}, {}, {}
+    contestants, status, backends, saved, peaks, frozen = {}, {}, {}, {}, {}, {}
     for name in [BASELINE] + [p for p in providers if p != BASELINE]:
         try:
             module, backend = build(name, weights, case.r, case.p)
@@ -70,6 +70,7 @@ def run_case(case: Case, providers, device, repeats: int, min_seconds: float = 0
             status[name] = _status_of(error)
             continue
         contestants[name] = (module, params)
+        frozen[name] = frozen_bytes(module)
         backends[name] = backend_used(backend, case.K, case.N, case.T, case.r, case.p)
         status[name] = "ok"
         try:
@@ -98,6 +99,6 @@ def run_case(case: Case, providers, device, repeats: int, min_seconds: float = 0
                            ratio_p20=ratios.get(name, {}).get(mode, (None, None, None))[1],
                            ratio_p80=ratios.get(name, {}).get(mode, (None, None, None))[2],
                            tflops=case.flops(mode) / (med * 1e-3) / 1e12,
-                           saved_bytes=saved.get(name), peak_bytes=peaks.get(name))
+                           saved_bytes=saved.get(name), peak_bytes=peaks.get(name), weight_bytes=frozen.get(name))
             rows.append(row)
     return rows

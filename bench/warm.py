@@ -6,12 +6,16 @@ untimed (``bench.gpu_kernels --warm-part i/N``), and N that run fused_lora once 
 their share of the sweep's cases with ``FUSED_LORA_AUTOTUNE=compile`` (every
 candidate the tuner would time is compiled, none is timed). The later, timed runs
 then find the kernels in Triton's on-disk cache.
+
+``--kernel-args "..."`` and ``--latency-args "..."`` pass options on to the kernel
+benchmark's and the latency row's processes; ``--no-sweep`` leaves out the sweep's.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -21,7 +25,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.warm", description=__doc__.splitlines()[0])
     parser.add_argument("--parts", type=int, default=6)
     parser.add_argument("--no-kernels", action="store_true", help="skip bench.gpu_kernels' variants")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the sweep's cases")
+    parser.add_argument("--kernel-args", default="", help="options for each bench.gpu_kernels --warm-part process")
     parser.add_argument("--latency", action="store_true", help="also run the latency row once (tiny T variants)")
+    parser.add_argument("--latency-args", default="", help="options for the latency row's process")
     args, sweep_args = parser.parse_known_args(argv)
     started = time.perf_counter()
     processes = []
@@ -29,8 +36,10 @@ def main(argv=None) -> int:
         part = f"{i}/{args.parts}"
         if not args.no_kernels:
             processes.append((f"kernels {part}", subprocess.Popen(
-                [sys.executable, "-m", "bench.gpu_kernels", "--warm-part", part],
+                [sys.executable, "-m", "bench.gpu_kernels", "--warm-part", part, *shlex.split(args.kernel_args)],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+        if args.no_sweep:
+            continue
         processes.append((f"sweep {part}", subprocess.Popen(
             [sys.executable, "-m", "bench", "--warm-part", part, *sweep_args],
             env=dict(os.environ, FUSED_LORA_AUTOTUNE="compile"),
@@ -39,7 +48,8 @@ def main(argv=None) -> int:
         import tempfile
 
         processes.append(("latency", subprocess.Popen(
-            [sys.executable, "-m", "bench", "--latency", "--repeats", "1", "--out-dir", tempfile.mkdtemp()],
+            [sys.executable, "-m", "bench", "--latency", "--repeats", "1", "--out-dir", tempfile.mkdtemp(),
+             *shlex.split(args.latency_args)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
     failed = 0
     for label, process in processes:

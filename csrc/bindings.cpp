@@ -82,6 +82,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "y = x W^T + b + scaling * D(x) A^T B^T as one autograd node (fused path, eager calls)",
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("lora_A"), py::arg("lora_B"),
       py::arg("scaling"), py::arg("seed"), py::arg("threshold"), py::arg("dropout_p"));
+  m.def("dequantize_4bit", &fused_lora::dequantize_4bit,
+        "out (N, K) = the dense weight of a bitsandbytes 4-bit weight, bit-exact", py::arg("packed"),
+        py::arg("absmax"), py::arg("code"), py::arg("nested_absmax"), py::arg("nested_code"), py::arg("offset"),
+        py::arg("blocksize"), py::arg("nested_blocksize"), py::arg("out"), release_gil());
+  m.def("gemm_4bit", &fused_lora::gemm_4bit,
+        "out += a W^T (transposed) or a W for a 4-bit W, dequantized tile by tile (few rows, fp32)", py::arg("a"),
+        py::arg("packed"), py::arg("absmax"), py::arg("code"), py::arg("nested_absmax"), py::arg("nested_code"),
+        py::arg("offset"), py::arg("blocksize"), py::arg("nested_blocksize"), py::arg("out_features"),
+        py::arg("in_features"), py::arg("transposed"), py::arg("out"), release_gil());
   m.def(
       "lora_backward",
       [](const at::Tensor& dy, const std::optional<at::Tensor>& x, const at::Tensor& weight,

@@ -47,4 +47,22 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight, const std:
                        const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, int64_t seed,
                        int64_t threshold, double dropout_p);
 
+// out (N, K) = the dense weight of a bitsandbytes 4-bit weight (dequantize_4bit.cpp):
+// code[nibble] * absmax in fp32, rounded once to out's dtype (fp32, fp16 or bf16). packed:
+// uint8 nibbles, first element in the high one; absmax fp32 per block, or uint8 with
+// nested_absmax / nested_code (double quantization, offset added). Returns out.
+at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+                           const std::optional<at::Tensor>& nested_absmax,
+                           const std::optional<at::Tensor>& nested_code, double offset, int64_t blocksize,
+                           int64_t nested_blocksize, at::Tensor out);
+
+// The base GEMM of a bitsandbytes 4-bit weight W (N, K) for few rows, dequantized tile by tile
+// (gemm_4bit.cpp): transposed: out (T, N) += a (T, K) W^T; else out (T, K) += a (T, N) W. fp32;
+// blocksize a multiple of 16 dividing K. Returns out.
+at::Tensor gemm_4bit(const at::Tensor& a, const at::Tensor& packed, const at::Tensor& absmax,
+                     const at::Tensor& code, const std::optional<at::Tensor>& nested_absmax,
+                     const std::optional<at::Tensor>& nested_code, double offset, int64_t blocksize,
+                     int64_t nested_blocksize, int64_t out_features, int64_t in_features, bool transposed,
+                     at::Tensor out);
+
 }  // namespace fused_lora

@@ -8,7 +8,8 @@ Layout (each folder's ``__init__`` says more):
 * here: the public API and its chain, ``functional`` (``fused_lora_linear``) -> ``function``
   (``FusedLoRAFunction``, the only autograd) -> ``ops`` (the backends); ``layer``
   (``FusedLoRALinear``), ``reference`` (the eager formula), ``dropout`` and ``philox`` (the
-  mask), ``checks`` (argument checks);
+  mask), ``checks`` (argument checks), ``quantized`` (bitsandbytes 4-bit bases read in place:
+  ``pip install .[qlora]``);
 * ``ops/``: one module per backend (torch, cpu, triton) and the torch.compile custom ops;
 * ``kernels``: the Triton kernels, from the repository's ``kernels/triton/`` folder;
 * ``integrations/``: PEFT models and adapter files;
@@ -86,25 +87,45 @@ def _has_extension(directory: str) -> bool:
 
 
 def _installed_copy_with_extension() -> str | None:
-    """The directory of an installed fused_lora (not this checkout) that has the C++ extension, if any."""
-    import importlib.metadata
+    """The directory of an installed fused_lora (not this checkout) that has the C++ extension, if any.
 
-    try:
-        files = importlib.metadata.distribution(__name__).files or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for file in files:
-        parts = file.parts
-        if len(parts) == 2 and parts[0] == __name__ and parts[1].startswith("_C."):
-            path = os.path.abspath(str(file.locate()))
-            directory = os.path.dirname(path)
-            if os.path.isfile(path) and os.path.realpath(directory) != os.path.realpath(_HERE):
-                return directory
+    Every installed copy counts, not only the first one the metadata lookup meets: ``pip install .``
+    leaves ``fused_lora.egg-info/`` in the checkout, and from the repository root that egg-info (which
+    lists no extension) comes first on ``sys.path``. An editable install of another checkout
+    (``pip install -e``, found by its ``direct_url.json``) and copies on ``sys.path`` without
+    metadata count too.
+    """
+    import importlib.metadata
+    import json
+    import urllib.parse
+    import urllib.request
+
+    here = os.path.realpath(_HERE)
+    candidates = []
+    for distribution in importlib.metadata.distributions(name=__name__):
+        for file in distribution.files or []:
+            parts = file.parts
+            if len(parts) == 2 and parts[0] == __name__ and parts[1].startswith("_C."):
+                candidates.append(os.path.dirname(os.path.abspath(str(file.locate()))))
+        try:
+            origin = json.loads(distribution.read_text("direct_url.json") or "{}")
+        except ValueError:
+            continue
+        origin = origin if isinstance(origin, dict) else {}
+        url, info = origin.get("url"), origin.get("dir_info")
+        if isinstance(info, dict) and info.get("editable") and isinstance(url, str) and url.startswith("file:"):
+            candidates.append(os.path.join(urllib.request.url2pathname(urllib.parse.urlparse(url).path), __name__))
+    candidates += [os.path.join(entry or os.curdir, __name__) for entry in sys.path if isinstance(entry, str)]
+    for directory in candidates:
+        if os.path.realpath(directory) != here and _has_extension(directory):
+            return os.path.abspath(directory)
     return None
 
 
 def _check_not_shadowing() -> None:
-    if os.environ.get("FUSED_LORA_SKIP_EXT") == "1" or _has_extension(_HERE):
+    from .env import env_flag
+
+    if env_flag("FUSED_LORA_SKIP_EXT", False) is True or _has_extension(_HERE):
         return
     installed = _installed_copy_with_extension()
     if installed is not None:

@@ -60,21 +60,31 @@ def check_seed(seed) -> int:
 def check_seed_tensor(seed) -> torch.Tensor:
     """The seed of ``FusedLoRAFunction.apply``, as the operations take it: a 0-d int64 tensor.
 
-    Accepts an int in [0, 2**63) (converted to a 0-d int64 CPU tensor) or a 0-d int64
-    tensor holding one. A float, a bool or a float tensor is a TypeError, never truncated.
-    The value of a tensor is checked only when reading it is free: a CPU tensor outside
-    torch.compile (reading a CUDA tensor would synchronise, and a traced one has no value).
+    Accepts an int in [0, 2**63) (converted to a 0-d int64 CPU tensor) or a dense 0-d
+    int64 tensor holding one. A float, a bool, a float or sparse tensor is a TypeError, never
+    truncated or read deep inside a backend. The value of a CPU tensor is checked on every
+    road: here in eager calls, and by the custom ops when the compiled function runs
+    (``check_seed_value``; a traced tensor has no value yet). The value of a CUDA seed tensor
+    is never checked: reading it would synchronise (a negative one selects the mask of its
+    two's-complement value, 2**64 + seed, on every road alike).
     """
     if isinstance(seed, torch.Tensor):
         if seed.dim() != 0 or seed.dtype != torch.int64:
             raise TypeError(f"seed: expected an int in [0, 2**63) or a 0-d int64 tensor holding one, "
                             f"got a {seed.dtype} tensor of shape {tuple(seed.shape)}")
+        if seed.layout != torch.strided:
+            raise TypeError(f"seed: expected a dense (strided) 0-d int64 tensor, got layout {seed.layout}")
         if seed.device.type == "cpu" and not torch.compiler.is_compiling():
-            value = int(seed.item())
-            if value < 0:
-                raise ValueError(f"seed: expected an int in [0, 2**63), got tensor({value})")
+            check_seed_value(int(seed.item()))
         return seed
     return torch.tensor(check_seed(seed), dtype=torch.int64)
+
+
+def check_seed_value(value: int) -> int:
+    """The value read from a seed tensor: in [0, 2**63) (an int64 cannot be larger)."""
+    if value < 0:
+        raise ValueError(f"seed: expected an int in [0, 2**63), got tensor({value})")
+    return value
 
 
 def check_scaling(scaling) -> float:

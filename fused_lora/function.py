@@ -14,6 +14,11 @@ inputs), the seed (an int, or a 0-d int64 tensor that the triton backend reads o
 the device), and, for the triton backend in its default "bits" mask mode, the
 packed keep mask (1 bit per element of x: T * ceil(K / 8) bytes). Never an
 unpacked mask, never D(x).
+
+A 4-bit base (a bitsandbytes ``Params4bit``, or a ``fused_lora.quantized.Weight4bit``) is
+dequantized into the package's reused buffer for the forward GEMM
+(``fused_lora.quantized.dequantized``), and again in backward for dx: what is saved is its
+packed bytes and quantization statistics (references, no copy), never a dense (N, K) weight.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from .ops import custom_ops
 from .ops.backends import backend_ops, saves_keep_bits
 from .checks import MAX_SEED, check_dropout_p, check_seed, check_seed_tensor
 from .ops.torch_ops import accumulation_dtype
+from .quantized import Weight4bit, is_params_4bit, lora_backward_4bit, lora_forward_4bit, weight_4bit
 
 
 def seed_argument(seed):
@@ -53,6 +59,15 @@ ONCE_DIFFERENTIABLE = (
 UNSAVED_X = (
     "with lora_A frozen, x is not saved for backward, so a second derivative of dB with respect to x "
     "could not even be detected; give lora_A requires_grad=True or leave create_graph off")
+
+
+def as_weight_4bit(weight):
+    """The ``Weight4bit`` of a 4-bit weight (``Params4bit`` or ``Weight4bit``), or None for a dense tensor."""
+    if type(weight) is Weight4bit:
+        return weight
+    if type(weight) is torch.Tensor or type(weight) is torch.nn.Parameter or not is_params_4bit(weight):
+        return None
+    return weight_4bit(weight)
 
 
 def _element(t: torch.Tensor) -> torch.Tensor:
@@ -92,6 +107,8 @@ class FusedLoRAFunction(torch.autograd.Function):
 
     ``seed``: None (no dropout), an int in [0, 2**63), or a 0-d int64 tensor holding one;
     required when ``dropout_p > 0``. ``backend``: "triton", "cpu" or "torch".
+    ``weight``: a dense (N, K) tensor, or a bitsandbytes 4-bit ``Params4bit`` (a
+    ``fused_lora.quantized.Weight4bit``), computed in x's dtype.
     dropout_p, seed and backend are checked here; the tensors' shapes, dtypes and devices are
     not (``fused_lora_linear`` checks them, on its fast path): call it with what
     ``fused_lora_linear`` accepts.
@@ -111,7 +128,8 @@ class FusedLoRAFunction(torch.autograd.Function):
                 seed = seed_argument(seed)  # checks the value where that costs no device sync
         else:
             seed = None
-        out_features, in_features = weight.shape
+        w4 = as_weight_4bit(weight)
+        out_features, in_features = weight.shape if w4 is None else w4.shape
         x2d = x if x.dim() == 2 else x.reshape(-1, in_features)
         rows, rank = x2d.shape[0], lora_A.shape[0]
         has_bits = saves_keep_bits(backend, dropout_p, x.dtype)
@@ -124,17 +142,33 @@ class FusedLoRAFunction(torch.autograd.Function):
         elif torch.compiler.is_compiling():
             seed = _seed_tensor(seed)
             xa, bits = custom_ops.lora_shrink(x2d, lora_A, seed, dropout_p, backend)
-            y2d = custom_ops.lora_forward(x2d, weight, bias, lora_B, xa, scaling, backend)
+            if w4 is None:
+                y2d = custom_ops.lora_forward(x2d, weight, bias, lora_B, xa, scaling, backend)
+            else:
+                y2d = custom_ops.lora_forward_4bit(x2d, *w4.tensors(), *w4.meta(), bias, lora_B, xa, scaling,
+                                                   backend)
             bits = bits if has_bits else None
         else:
             ops = backend_ops(backend)
             with _no_autocast(x2d.device):
                 xa, bits = ops.lora_shrink(x2d, lora_A, seed, dropout_p)
-                y2d = ops.lora_forward(x2d, weight, bias, lora_B, xa, scaling)
+                if w4 is None:
+                    y2d = ops.lora_forward(x2d, weight, bias, lora_B, xa, scaling)
+                else:
+                    y2d = lora_forward_4bit(backend, x2d, w4, bias, lora_B, xa, scaling)
         # NOTE: x is needed only for dA; skip the reference when lora_A is frozen.
         needs_dA = ctx.needs_input_grad[3]
         seed_tensor = seed if isinstance(seed, torch.Tensor) else None
-        ctx.save_for_backward(x2d if needs_dA else None, weight, lora_A, lora_B, xa, seed_tensor, bits)
+        if w4 is None:
+            ctx.save_for_backward(x2d if needs_dA else None, weight, lora_A, lora_B, xa, seed_tensor, bits)
+            ctx.weight_meta = None
+        else:
+            # The packed bytes and the statistics (references to bitsandbytes' tensors), no dense weight.
+            quant = w4.tensors()
+            ctx.save_for_backward(x2d if needs_dA else None, quant[0], lora_A, lora_B, xa, seed_tensor, bits,
+                                  *quant[1:])
+            ctx.weight_meta = w4.meta()
+        ctx.weight_shape = (out_features, in_features)
         ctx.seed = None if seed_tensor is not None else seed
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p
@@ -144,13 +178,14 @@ class FusedLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, weight, lora_A, lora_B, xa, seed, bits = ctx.saved_tensors
+        x2d, weight, lora_A, lora_B, xa, seed, bits, *quant = ctx.saved_tensors
         if seed is None:
             seed = ctx.seed
         needs_dx, needs_dA, needs_dB = (ctx.needs_input_grad[0], ctx.needs_input_grad[3],
                                         ctx.needs_input_grad[4])
-        out_features, in_features = weight.shape
+        out_features, in_features = ctx.weight_shape
         dy2d = dy if dy.dim() == 2 else dy.reshape(-1, out_features)
+        w4 = None if ctx.weight_meta is None else Weight4bit.from_parts((weight, *quant), ctx.weight_meta)
         if dy2d.shape[0] == 0 or dy2d.is_meta:
             dx = dy2d.new_zeros(ctx.x_shape, dtype=dy.dtype) if needs_dx else None
             dA = torch.zeros_like(lora_A) if needs_dA else None
@@ -159,15 +194,25 @@ class FusedLoRAFunction(torch.autograd.Function):
         create_graph = False
         if torch.compiler.is_compiling():
             empty_bits = dy2d.new_empty((0,), dtype=torch.uint8)
-            dx, dA, dB = custom_ops.lora_backward(
-                dy2d, x2d, weight, lora_A, lora_B, xa, ctx.scaling, _seed_tensor(seed), ctx.dropout_p,
-                bits if bits is not None else empty_bits, needs_dx, needs_dA, needs_dB, ctx.backend)
+            if w4 is None:
+                dx, dA, dB = custom_ops.lora_backward(
+                    dy2d, x2d, weight, lora_A, lora_B, xa, ctx.scaling, _seed_tensor(seed), ctx.dropout_p,
+                    bits if bits is not None else empty_bits, needs_dx, needs_dA, needs_dB, ctx.backend)
+            else:
+                dx, dA, dB = custom_ops.lora_backward_4bit(
+                    dy2d, x2d, *w4.tensors(), *w4.meta(), lora_A, lora_B, xa, ctx.scaling, _seed_tensor(seed),
+                    ctx.dropout_p, bits if bits is not None else empty_bits, needs_dx, needs_dA, needs_dB,
+                    ctx.backend)
         else:
             create_graph = torch.is_grad_enabled()
             with _no_autocast(dy2d.device), (torch.no_grad() if create_graph else contextlib.nullcontext()):
-                dx, dA, dB = backend_ops(ctx.backend).lora_backward(
-                    dy2d, x2d, weight, lora_A, lora_B, xa, ctx.scaling, seed, ctx.dropout_p, bits,
-                    needs_dx, needs_dA, needs_dB)
+                if w4 is None:
+                    dx, dA, dB = backend_ops(ctx.backend).lora_backward(
+                        dy2d, x2d, weight, lora_A, lora_B, xa, ctx.scaling, seed, ctx.dropout_p, bits, needs_dx,
+                        needs_dA, needs_dB)
+                else:
+                    dx, dA, dB = lora_backward_4bit(ctx.backend, dy2d, x2d, w4, lora_A, lora_B, xa, ctx.scaling,
+                                                    seed, ctx.dropout_p, bits, needs_dx, needs_dA, needs_dB)
         dx = (dx if len(ctx.x_shape) == 2 else dx.view(ctx.x_shape)) if needs_dx else None
         dA, dB = (dA if needs_dA else None), (dB if needs_dB else None)
         if create_graph:

@@ -9,7 +9,8 @@ import torch
 from .ops.backends import backend_name_for, backend_ops
 from .checks import MAX_SCALING, check_dropout_p, check_lora_inputs, check_scaling, check_strided, type_name
 from .dropout import draw_seed
-from .function import FusedLoRAFunction, seed_argument
+from .function import FusedLoRAFunction, as_weight_4bit, seed_argument
+from .quantized import is_8bit, refuse_8bit
 
 TRITON_MAX_RANK = 256
 _warned_frozen = False
@@ -24,7 +25,11 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     Args:
         x: (..., K) input, any leading dims and strides.
         weight: (N, K) frozen base weight; bias: (N,) or None, frozen. They
-            never receive a gradient.
+            never receive a gradient. A bitsandbytes 4-bit weight (``Params4bit``
+            with its quant_state: NF4 or FP4, the weight of a ``Linear4bit``) is used
+            in place: dequantized into a reused buffer in x's dtype (through the
+            quant_state's dtype, as bitsandbytes does) for each GEMM, never saved
+            dense (``fused_lora.quantized``). The bias then must be in x's dtype too.
         lora_A: (r, K), lora_B: (N, r): the trainable adapters; x's dtype, or
             fp32 when x is fp16/bf16.
         scaling: the LoRA scale (lora_alpha / r, or lora_alpha / sqrt(r)).
@@ -35,8 +40,19 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
             (read by the kernels on the device: safe to capture in a CUDA
             graph). None draws one from torch's generator of x's device, and
             only when dropout is active; on CUDA the draw stays on the GPU, so
-            every replay of a captured graph draws a new mask.
-        backend: None (automatic), "triton", "cpu" or "torch".
+            every replay of a captured graph draws a new mask. With seed=None a
+            compiled call and an eager call draw different masks (as
+            ``nn.Dropout`` does under inductor, whose RNG differs from eager's).
+            A seed tensor changed in place between forward and backward: the
+            cpu backend's one-node C++ path (eager, CPU seed) uses the forward's
+            seed, the other paths raise autograd's in-place error; both are safe.
+        backend: None (automatic), "triton", "cpu" or "torch". Under
+            torch.compile the backend is chosen when the function is traced
+            (this argument, else ``FUSED_LORA_BACKEND``, else the automatic
+            choice) and fixed in the compiled code: setting
+            ``FUSED_LORA_BACKEND`` later changes eager calls only. Pass
+            ``backend=`` (a changed argument recompiles), or call
+            ``torch.compiler.reset()`` after changing the variable.
 
     Returns:
         (..., N) tensor in x's dtype.
@@ -47,7 +63,15 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
             autocast = True
             x, weight, bias, lora_A, lora_B = _autocast_inputs(x, weight, bias, lora_A, lora_B)
-    check_lora_inputs(x, weight, bias, lora_A, lora_B)
+    w4 = None
+    check_weight = weight
+    if type(weight) is not torch.Tensor and type(weight) is not torch.nn.Parameter:
+        w4 = as_weight_4bit(weight)
+        if w4 is not None:
+            check_weight = _weight_stand_in(w4, x)
+        elif is_8bit(weight):
+            refuse_8bit("weight", weight)
+    check_lora_inputs(x, check_weight, bias, lora_A, lora_B)
     # NOTE: the common case (Python floats in range) skips the generic checks' ABC isinstance calls.
     if type(scaling) is not float or not -MAX_SCALING <= scaling <= MAX_SCALING:
         scaling = check_scaling(scaling)
@@ -69,8 +93,10 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
             # NOTE: Triton's interpreter computes bf16 silently wrong; refuse rather than return garbage.
             raise ValueError("x: bfloat16 on CPU is not supported by the triton backend (Triton's interpreter "
                              "computes bf16 wrongly); use backend='torch' or CUDA tensors")
-    if not _warned_frozen and (weight.requires_grad or (bias is not None and bias.requires_grad)):
-        _warn_if_base_trainable(weight, bias)
+    if w4 is not None and isinstance(weight, torch.Tensor):
+        check_weight = weight  # a Params4bit's own requires_grad
+    if not _warned_frozen and (check_weight.requires_grad or (bias is not None and bias.requires_grad)):
+        _warn_if_base_trainable(check_weight, bias)
 
     if not training or dropout_p == 0.0:
         dropout_p, seed = 0.0, None
@@ -79,20 +105,29 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     # NOTE: (..., K) -> (T, K) and back out here, not inside the Function: autograd forbids
     # modifying in place (y += residual, ReLU(inplace=True)) a view created inside a custom Function.
     # One reshape serves both roads (a copy when x is not viewable as (T, K)).
-    out_features, in_features = weight.shape
+    out_features, in_features = weight.shape if w4 is None else w4.shape
     # NOTE: the layouts are checked only once a backend failed (a try costs nothing until it raises):
     # a sparse or MKL-DNN tensor then gets a TypeError naming it instead of the backend's own error.
     try:
         x2d = x if x.dim() == 2 else x.reshape(-1, in_features)
         y2d = None
-        if name == "cpu" and not autocast and not torch.compiler.is_compiling():
+        if name == "cpu" and w4 is None and not autocast and not torch.compiler.is_compiling():
             y2d = _cpu_layer(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
         if y2d is None:
-            y2d = FusedLoRAFunction.apply(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, name)
+            # NOTE: eager calls pass the Weight4bit read above; torch.compile traces the Params4bit itself.
+            base = weight if w4 is None or torch.compiler.is_compiling() else w4
+            y2d = FusedLoRAFunction.apply(x2d, base, bias, lora_A, lora_B, scaling, dropout_p, seed, name)
     except (RuntimeError, NotImplementedError):
-        check_strided(x, weight, bias, lora_A, lora_B)
+        check_strided(x, check_weight, bias, lora_A, lora_B)
         raise
     return y2d if x.dim() == 2 else y2d.view(*x.shape[:-1], out_features)
+
+
+def _weight_stand_in(w4, x) -> torch.Tensor:
+    """A one-element tensor looking like the dense (N, K) weight in x's dtype, on the packed weight's device:
+    what the argument checks read of a 4-bit weight (its shape, dtype and device)."""
+    dtype = x.dtype if isinstance(x, torch.Tensor) and x.is_floating_point() else torch.float32
+    return w4.packed.new_empty((1, 1), dtype=dtype).expand(w4.shape)
 
 
 def _cpu_layer(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):

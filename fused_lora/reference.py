@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import check_dropout_p, check_lora_inputs, check_scaling
+from .quantized import Weight4bit, dequantize, is_params_4bit
 
 
 def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -21,7 +22,15 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     ``keep_mask``: bool tensor of the flattened input shape ``(T, K)``,
     ``T = x.numel() // K``; True keeps an element. ``D(x) = x * keep_mask / (1 - dropout_p)``.
     With ``keep_mask=None`` no dropout is applied (as in eval mode), whatever ``dropout_p``.
+
+    ``weight`` may be a bitsandbytes 4-bit ``Params4bit`` (or a ``fused_lora.quantized.Weight4bit``):
+    it is dequantized to a new dense tensor in x's dtype (through the quant_state's dtype, as
+    bitsandbytes' matmul does; the pure-PyTorch dequantization, bit-exact against bitsandbytes'
+    ``dequantize_4bit``), then the formula runs on it.
     """
+    if isinstance(weight, Weight4bit) or is_params_4bit(weight):
+        dtype = x.dtype if isinstance(x, torch.Tensor) and x.is_floating_point() else None
+        weight = dequantize(weight, dtype, backend="torch")
     check_lora_inputs(x, weight, bias, lora_A, lora_B)
     scaling = check_scaling(scaling)
     dropout_p = check_dropout_p(dropout_p)

@@ -11,6 +11,9 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 os.environ.setdefault("FUSED_LORA_AUTOTUNE", "0")  # on a GPU: one config per kernel, not a tuning run per shape
 os.environ.pop("FUSED_LORA_BACKEND", None)  # tests choose backends explicitly
+# NOTE: importing bitsandbytes on a CPU with AVX512-BF16 while Hugging Face's `kernels` is installed asks
+# the Hub for a CPU kernel; the suite never touches the network (and never needs that kernel).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 

@@ -325,3 +325,61 @@ def test_numpy_hyperparameters_save_as_plain_json(tmp_path):
     layer = loaded.get_submodule("model.layers.0.self_attn.q_proj")
     assert layer.scaling == 4.0 and type(layer.lora_alpha) is float
     assert_close_scaled("logits", _logits(loaded), _logits(model), reduction_length())
+
+
+# --------------------------------------------------------------------------- adapter dtypes
+
+def _bf16_llama():
+    return tiny_llama().to(torch.bfloat16)
+
+
+def test_peft_fp32_adapters_load_into_a_bf16_model_unrounded(tmp_path):
+    # Before: load_adapter rounded PEFT's fp32 adapters to bf16 (outputs 7.8e-3 off PEFT's).
+    peft_model = peft.get_peft_model(_bf16_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    _randomise_adapters(peft_model).eval()
+    assert peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    peft_model.save_pretrained(str(tmp_path))
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    for model in (_bf16_llama(), apply_lora(_bf16_llama(), TARGETS, r=4, lora_alpha=8)):  # made by it, or there
+        load_adapter(model, tmp_path)
+        layers = {name: m for name, m in model.named_modules() if isinstance(m, FusedLoRALinear)}
+        assert len(layers) == 6
+        for name, layer in layers.items():
+            assert layer.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
+            assert torch.equal(layer.lora_A, saved[f"base_model.model.{name}.lora_A.weight"]), name
+            assert torch.equal(layer.lora_B, saved[f"base_model.model.{name}.lora_B.weight"]), name
+            layer.backend = "torch"
+        assert_close_scaled("logits", _logits(model.eval()).float(), _logits(peft_model).float(),
+                            reduction_length(), dtype=torch.bfloat16)
+
+
+def test_a_lossy_cast_is_refused_naming_the_tensor(tmp_path):
+    peft_model = _peft_saved(tmp_path)  # fp32 adapters with values bf16 cannot hold
+    model = apply_lora(_bf16_llama(), TARGETS, r=4, lora_alpha=8, adapter_dtype=torch.bfloat16)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    with pytest.raises(ValueError, match=rf"adapter_model.safetensors: key '{key}' is torch.float32 and layer "
+                                         rf"'model.layers.0.self_attn.q_proj' holds torch.bfloat16 adapters: the "
+                                         rf"cast would round \d+ of its 128 values"):
+        load_adapter(model, tmp_path)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    # fp32 values that bf16 holds exactly load into bf16 adapters.
+    tensors = {k: v.to(torch.bfloat16).float() for k, v in load_file(tmp_path / "adapter_model.safetensors").items()}
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    load_adapter(model, tmp_path)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.lora_A.float(), tensors[key])
+    del peft_model
+
+
+def test_half_precision_files_load_exactly_into_fp32_and_fp64_models(tmp_path):
+    _peft_saved(tmp_path)
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(tmp_path / "adapter_model.safetensors").items()}
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    for dtype in (torch.float32, torch.float64):
+        model = load_adapter(tiny_llama().to(dtype), tmp_path)
+        layer = model.model.layers[1].mlp.up_proj
+        assert layer.lora_A.dtype == dtype
+        assert torch.equal(layer.lora_B, tensors["base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"].to(dtype))
+    model = load_adapter(tiny_llama().to(torch.float16), tmp_path)  # bf16 values into an fp16 model: fp32 adapters
+    assert model.model.layers[1].mlp.up_proj.lora_A.dtype == torch.float32

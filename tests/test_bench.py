@@ -204,3 +204,60 @@ def test_bad_command_line_values_are_usage_errors(argv, option, capsys):
         cli.parse_args(argv)
     assert exit_info.value.code == 2
     assert option in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# --base nf4: the same layer over bitsandbytes' 4-bit weights
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("provider", ["fused_lora_nf4", "peft_nf4", "linear_nf4"])
+def test_nf4_providers_compute_the_same_4bit_layer(provider):
+    pytest.importorskip("bitsandbytes")
+    from bench.providers import linear_4bit
+
+    w = Weights.random(64, 24, 4, torch.float32, torch.float32, torch.device("cpu"))
+    module, _ = build(provider, w, r=4, p=0.0)
+    x = torch.randn(3, 7, 64, requires_grad=True)
+    y = module(x)
+    dy = torch.randn_like(y)
+    params = trainable_parameters(module)
+    got = torch.autograd.grad(y, [x] + params, dy)
+    base = linear_4bit(w)  # quantized from the same weights: the same bytes
+    lora = provider != "linear_nf4"
+    A = (w.lora_A if lora else torch.zeros_like(w.lora_A)).clone().requires_grad_(True)
+    B = w.lora_B.clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = lora_linear_reference(x_ref, base.weight, w.bias, A, B, w.scaling)
+    expected = torch.autograd.grad(y_ref, [x_ref, A, B], dy)
+    reductions = lora_reductions(T=21, K=64, N=24, r=4)
+    assert_close_scaled("y", y, y_ref, reductions["y"])
+    assert_close_scaled("dx", got[0], expected[0], reductions["dx"])
+    if lora:
+        by_shape = {tuple(g.shape): g for g in got[1:]}
+        assert_close_scaled("dA", by_shape[(4, 64)], expected[1], reductions["dA"])
+        assert_close_scaled("dB", by_shape[(24, 4)], expected[2], reductions["dB"])
+    else:
+        assert params == []
+
+
+def test_nf4_sweep_writes_weight_and_memory_rows(tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    assert cli.main(["--device", "cpu", "--base", "nf4", "--shapes", "128x32", "--tokens", "8", "--repeats", "1",
+                     "--no-e2e", "--no-plot", "--out-dir", str(tmp_path), "--name", "q"]) == 0
+    printed = capsys.readouterr().out
+    assert "weights MiB" in printed and "peft_nf4" in printed
+    with open(tmp_path / "q.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["mode"] == "fwd+bwd"]
+    assert [r["provider"] for r in rows] == ["linear", "fused_lora_nf4", "peft_nf4", "linear_nf4"]
+    assert all(r["status"] == "ok" and r["p"] == "0.1" for r in rows)
+    weights = {r["provider"]: int(r["weight_bytes"]) for r in rows}
+    assert weights["linear"] == (128 * 32 + 32) * 4  # the dense fp32 weight and bias
+    assert weights["fused_lora_nf4"] == weights["peft_nf4"] == weights["linear_nf4"] < weights["linear"] / 4
+
+
+def test_nf4_end_to_end_rows_compare_the_same_4bit_model():
+    pytest.importorskip("bitsandbytes")
+    rows = e2e.run(torch.device("cpu"), "cpu-quick", r=4, p=0.1, dtype=torch.float32, repeats=1, base="nf4")
+    assert [r["provider"] for r in rows] == ["fused_lora_nf4", "peft_nf4"]
+    assert all(r["tokens_per_s"] > 0 and r["memory_bytes"] > 0 for r in rows)
+    assert rows[0]["weight_bytes"] == rows[1]["weight_bytes"] and rows[0]["model"].startswith("Llama nf4")

@@ -245,6 +245,19 @@ def test_function_apply_validates_the_seed_on_every_backend(device_backend, seed
         fused_lora.FusedLoRAFunction.apply(*args.values(), 1.0, 0.1, seed, backend)
 
 
+def test_sparse_seed_tensor_is_a_clear_error_on_every_backend(device_backend):
+    # Before: the cpu backend failed deep inside ("Cannot access data pointer of Tensor that
+    # doesn't have storage").
+    device, backend = device_backend
+    args = {k: v.to(device) for k, v in good().items() if k != "scaling"}
+    sparse = torch.tensor(5).to_sparse()
+    assert sparse.dim() == 0 and sparse.dtype == torch.int64
+    with pytest.raises(TypeError, match="seed: expected a dense .strided. 0-d int64 tensor, got layout torch.sparse_coo"):
+        fused_lora_linear(*args.values(), 1.0, 0.1, seed=sparse, backend=backend)
+    with pytest.raises(TypeError, match="seed: expected a dense"):
+        fused_lora.FusedLoRAFunction.apply(*args.values(), 1.0, 0.1, sparse, backend)
+
+
 @pytest.mark.parametrize("dropout_p,seed,backend,error,argument", [
     (0.1, None, None, ValueError, "seed"),          # once a raw TypeError / pybind11 cast error
     (1.5, 3, None, ValueError, "dropout_p"),        # once computed silently (torch, triton)

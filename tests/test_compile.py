@@ -141,10 +141,12 @@ def test_compiled_dropout_with_explicit_seed_matches_eager():
         assert_close_scaled(name, a, e, 21 + 16 + 24 + 8)  # the longest chain of sums in these layers
 
 
-def test_compiled_seed_draw_follows_torch_manual_seed(monkeypatch):
+@torch._inductor.config.patch(fallback_random=True)
+def test_compiled_seed_draw_follows_torch_manual_seed():
     # With fallback_random, inductor draws from torch's generator exactly as eager does:
     # the compiled model must then drop the same elements as the eager one.
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    # NOTE: config.patch, not monkeypatch: monkeypatch's undo deletes the setting from the
+    # config module, and every later compile then fails ("fallback_random does not exist").
     model = TwoLayers(0.5, "torch").train()
     x = torch.randn(6, 16)
     torch.manual_seed(21)
@@ -158,3 +160,73 @@ def test_compiled_seed_draw_follows_torch_manual_seed(monkeypatch):
     again = _run(compiled_model, x)  # the next call draws a new seed
     assert not torch.equal(again[0], compiled[0])
     assert fused_lora.FusedLoRAFunction is not None
+
+
+def test_compiled_calls_check_the_seed_tensor_as_eager_calls_do(device_backend):
+    # Before: under torch.compile the torch backend ran a negative seed tensor with the mask of
+    # seed 2**64 - 5, while eager raised.
+    device, backend = device_backend
+    torch.manual_seed(0)
+    x, A, B = torch.randn(9, 20, device=device), torch.randn(4, 20, device=device), torch.randn(12, 4, device=device)
+    weight = torch.randn(12, 20, device=device)
+
+    def layer(x_, seed):
+        return fused_lora_linear(x_, weight, None, A, B, 0.5, 0.3, seed=seed, backend=backend)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    good = compiled(x, torch.tensor(7))
+    assert torch.equal(good, layer(x, torch.tensor(7)))
+    for seed in (torch.tensor(-5), torch.tensor(-2 ** 63)):
+        with pytest.raises(ValueError, match=r"seed: expected an int in \[0, 2\*\*63\), got tensor\(-"):
+            layer(x, seed)
+        with pytest.raises(ValueError, match=r"seed: expected an int in \[0, 2\*\*63\), got tensor\(-"):
+            compiled(x, seed)
+    # and through the Function's backward (the seed saved for it is checked as well)
+    x = x.requires_grad_(True)
+    with pytest.raises(ValueError, match="seed"):
+        compiled(x, torch.tensor(-1)).sum().backward()
+
+
+def test_the_backend_of_a_compiled_function_is_fixed_when_traced(monkeypatch):
+    """As fused_lora_linear's docstring says: FUSED_LORA_BACKEND set after tracing changes eager
+    calls, not the compiled code; a changed backend= argument (FusedLoRALinear.backend) recompiles,
+    and so does torch.compiler.reset()."""
+    import fused_lora.function
+    import fused_lora.ops.custom_ops
+    from fused_lora.ops.backends import ENV_VAR
+
+    seen = []
+    original = fused_lora.ops.custom_ops.backend_ops
+
+    def recording(name):
+        seen.append(name)
+        return original(name)
+
+    monkeypatch.setattr(fused_lora.ops.custom_ops, "backend_ops", recording)
+    monkeypatch.setattr(fused_lora.function, "backend_ops", recording)
+    torch.manual_seed(0)
+    layer = FusedLoRALinear(16, 8, r=4)
+    x = torch.randn(5, 16)
+    monkeypatch.setenv(ENV_VAR, "torch")
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager")
+    compiled(x)
+    assert set(seen) == {"torch"}
+    monkeypatch.setenv(ENV_VAR, "triton")
+    seen.clear()
+    compiled(x)
+    assert set(seen) == {"torch"}, "the compiled code kept the backend it was traced with"
+    seen.clear()
+    layer(x)
+    assert set(seen) == {"triton"}, "eager calls follow the variable"
+    seen.clear()
+    layer.backend = "torch"
+    compiled(x)
+    assert set(seen) == {"torch"}
+    layer.backend = None
+    torch.compiler.reset()
+    seen.clear()
+    compiled = torch.compile(layer, backend="aot_eager")
+    compiled(x)
+    assert set(seen) == {"triton"}, "a fresh trace reads the variable again"

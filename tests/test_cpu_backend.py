@@ -16,6 +16,7 @@ import torch
 
 import fused_lora
 from fused_lora import philox
+from fused_lora.env import env_flag
 from fused_lora.ops import backends
 from fused_lora.reference import lora_linear_reference
 
@@ -26,7 +27,7 @@ try:
     from fused_lora.ops import cpu_ops
     _IMPORT_ERROR = None
 except ImportError as error:  # pragma: no cover - depends on the build
-    if os.environ.get("FUSED_LORA_SKIP_EXT") == "1":
+    if env_flag("FUSED_LORA_SKIP_EXT"):
         pytest.skip("fused_lora._C not built (FUSED_LORA_SKIP_EXT=1)", allow_module_level=True)
     _C = cpu_ops = None
     _IMPORT_ERROR = error

@@ -18,13 +18,14 @@ import torch
 
 import fused_lora
 from fused_lora import philox
+from fused_lora.env import env_flag
 from fused_lora.reference import lora_linear_reference
 
 try:
     from fused_lora import _C
     from fused_lora.ops import cpu_ops
 except ImportError:  # pragma: no cover - depends on the build
-    if os.environ.get("FUSED_LORA_SKIP_EXT") == "1":
+    if env_flag("FUSED_LORA_SKIP_EXT"):
         pytest.skip("fused_lora._C not built (FUSED_LORA_SKIP_EXT=1)", allow_module_level=True)
     raise
 

@@ -7,6 +7,7 @@ different rows of data, exactly as ``nn.Dropout`` does. The DDP gradients equal 
 process that replays each rank's half of the batch after that rank's ``manual_seed``.
 """
 
+import datetime
 import os
 import sys
 
@@ -70,7 +71,8 @@ def _recording_seeds(functional):
 def _worker(rank, init_file, tests_dir):
     sys.path.insert(0, tests_dir)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         x, target = _data()
         half = x.shape[0] // WORLD_SIZE
@@ -119,6 +121,12 @@ def _worker(rank, init_file, tests_dir):
         assert everyone[0] == everyone[1] and len(everyone[0]) == 2, everyone
     finally:
         dist.destroy_process_group()
+    # NOTE: a passing rank leaves without the interpreter's C++ teardown: with torch 2.13 a gloo
+    # process aborts there about 1 exit in 8 ("terminate called without an active exception"),
+    # with or without fused_lora (a bare DDP step shows it too), which failed the test at random.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_ddp_gloo_two_processes_match_one_process_with_and_without_dropout(tmp_path):

@@ -4,6 +4,7 @@ FusedLoRALinear layers: frozen base and trainable adapters sharded in the same F
 training on the whole batch.
 """
 
+import datetime
 import os
 import sys
 
@@ -61,7 +62,8 @@ def _full(tensor):
 def _worker(rank, init_file, tests_dir):
     sys.path.insert(0, tests_dir)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import DTensor
@@ -101,6 +103,12 @@ def _worker(rank, init_file, tests_dir):
         assert not torch.allclose(_full(model[4].lora_B).detach(), initial[4].lora_B, atol=1e-3)  # it trained
     finally:
         dist.destroy_process_group()
+    # NOTE: a passing rank leaves without the interpreter's C++ teardown: with torch 2.13 a gloo
+    # process aborts there about 1 exit in 8 ("terminate called without an active exception"),
+    # with or without fused_lora (a bare DDP step shows it too), which failed the test at random.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_fsdp2_gloo_two_processes_match_one_process():

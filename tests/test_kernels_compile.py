@@ -23,7 +23,10 @@ CASES = "bf16:16:fp32,bf16:64:fp32,bf16:16:x,fp16:16:fp32,fp32:16:fp32,fp64:16:f
 
 
 def test_default_kernels_compile_for_sm90_without_spills():
-    env = dict(os.environ, TRITON_INTERPRET="0")
+    # NOTE: the checkout first on the path, so the tool compiles this tree's kernels also where
+    # fused_lora is not pip-installed (a source checkout maps kernels/triton itself).
+    path = os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=path)
     command = [sys.executable, str(ROOT / "tools" / "compile_kernels.py"), "--arch", "90", "--check",
                "--cases", CASES, "--keep-going"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800, cwd=ROOT)

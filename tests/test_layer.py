@@ -207,3 +207,191 @@ def test_training_a_merged_layer_is_a_clear_error():
     layer.unmerge()
     layer(x).sum().backward()
     assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
+
+
+# --------------------------------------------------------------------------- modules a FusedLoRALinear cannot stand for
+
+class _Half(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+class _Tagged(nn.Linear):
+    """A subclass that keeps nn.Linear.forward: a FusedLoRALinear computes what it does."""
+
+
+def _hooked(kind):
+    linear = nn.Linear(8, 6)
+    if kind == "forward hook":
+        linear.register_forward_hook(lambda module, args, out: out + 100)
+    elif kind == "forward pre-hook":
+        linear.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    elif kind == "backward hook":
+        linear.register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    elif kind == "patched forward":
+        linear.forward = lambda x: nn.Linear.forward(linear, x) - 1
+    elif kind == "subclass forward":
+        linear = _Half(8, 6)
+    return linear
+
+
+@pytest.mark.parametrize("kind,reason", [
+    ("subclass forward", "a subclass of torch.nn.Linear with its own forward"),
+    ("patched forward", "forward patched on the instance"),
+    ("forward hook", "1 forward hooks"),
+    ("forward pre-hook", "1 forward pre-hooks"),
+    ("backward hook", "1 backward hooks"),
+])
+def test_from_linear_refuses_what_it_would_not_compute(kind, reason):
+    # Before: from_linear dropped the subclass's forward and the hooks, silently.
+    linear = _hooked(kind)
+    with pytest.raises(ValueError, match=f"linear: the module .*{reason}"):
+        FusedLoRALinear.from_linear(linear, r=2)
+    assert linear.weight.requires_grad  # untouched
+
+
+def test_from_linear_takes_a_subclass_that_keeps_linear_forward():
+    linear = _Tagged(8, 6)
+    layer = FusedLoRALinear.from_linear(linear, r=2).eval()
+    x = torch.randn(3, 8)
+    assert_close_scaled("y", layer(x), linear(x), 8 + 2)
+
+
+# --------------------------------------------------------------------------- adapter dtype (PEFT's autocast_adapter_dtype)
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_adapters_are_fp32_on_half_bases_by_default(dtype):
+    # Before: from_linear(bf16 linear) made bf16 adapters; PEFT makes fp32 ones.
+    assert FusedLoRALinear(8, 6, dtype=dtype).lora_A.dtype == torch.float32
+    layer = FusedLoRALinear.from_linear(nn.Linear(8, 6, dtype=dtype), r=2)
+    assert (layer.weight.dtype, layer.lora_A.dtype, layer.lora_B.dtype) == (dtype, torch.float32, torch.float32)
+    own = FusedLoRALinear.from_linear(nn.Linear(8, 6, dtype=dtype), r=2, adapter_dtype=dtype)
+    assert (own.lora_A.dtype, own.lora_B.dtype) == (dtype, dtype)
+    assert FusedLoRALinear(8, 6, dtype=dtype, adapter_dtype=torch.float32).lora_B.dtype == torch.float32
+    for base, bad in ((dtype, torch.float64), (torch.float32, torch.float16), (torch.float64, torch.float32),
+                      (dtype, "float32")):
+        with pytest.raises(TypeError, match="adapter_dtype: expected None"):
+            FusedLoRALinear(8, 6, dtype=base, adapter_dtype=bad)
+    assert FusedLoRALinear(8, 6, dtype=torch.float64).lora_A.dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp32_adapters_on_half_inputs_match_the_reference_on_every_backend(device_backend, dtype):
+    """y, dx, dA, dB of a half-precision layer with its default fp32 adapters, against the fp64 formula."""
+    device, backend = device_backend
+    if backend == "triton" and device.type == "cpu" and dtype == torch.bfloat16:
+        # Triton's interpreter computes bf16 wrongly: refused (the fp16 case runs the same kernels).
+        layer = FusedLoRALinear(8, 4, dtype=dtype)
+        layer.backend = backend
+        with pytest.raises(ValueError, match="bfloat16 on CPU is not supported by the triton backend"):
+            layer(torch.randn(2, 8, dtype=dtype))
+        return
+    torch.manual_seed(0)
+    T, K, N, r, p = 27, 40, 24, 8, 0.25
+    layer = FusedLoRALinear(K, N, r=r, lora_alpha=16, lora_dropout=p, device=device, dtype=dtype).train()
+    layer.backend = backend
+    assert layer.lora_A.dtype == torch.float32
+    nn.init.normal_(layer.lora_B, std=0.3)
+    x = torch.randn(3, 9, K, device=device).to(dtype).requires_grad_(True)
+    dy = torch.randn(3, 9, N, device=device).to(dtype)
+    torch.manual_seed(5)
+    y = layer(x)
+    dx, dA, dB = torch.autograd.grad(y, (x, layer.lora_A, layer.lora_B), dy)
+    assert (y.dtype, dx.dtype, dA.dtype, dB.dtype) == (dtype, dtype, torch.float32, torch.float32)
+    torch.manual_seed(5)
+    seed = int(torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64).item())
+    mask = dropout_mask(seed, T, K, p, device)
+    inputs = [t.detach().double().requires_grad_(True) for t in (x, layer.lora_A, layer.lora_B)]
+    expected = lora_linear_reference(inputs[0], layer.weight.double(), layer.bias.double(), inputs[1], inputs[2],
+                                     layer.scaling, keep_mask=mask, dropout_p=p)
+    grads = torch.autograd.grad(expected, inputs, dy.double())
+    n = lora_reductions(T, K, N, r)
+    for name, got, want in zip(("y", "dx", "dA", "dB"), (y, dx, dA, dB), (expected,) + grads):
+        assert_close_scaled(name, got.double(), want, n[name], dtype=dtype)
+
+
+# --------------------------------------------------------------------------- editing a merged adapter
+
+def _merged_with_original():
+    layer = _merged_layer()
+    original = layer.weight.detach().clone()
+    layer.merge()
+    return layer, original
+
+
+@pytest.mark.parametrize("edit", ["reset_lora_parameters", "scaling", "r", "lora_alpha", "use_rslora", "lora_A",
+                                  "lora_B", "weight"])
+def test_edits_of_a_merged_adapter_are_refused_and_unmerge_stays_exact(edit):
+    # Before: merge(); reset_lora_parameters(); unmerge() left the weight 1.44 off the original,
+    # merge(); scaling = 5.0; unmerge() 1.94 off.
+    layer, original = _merged_with_original()
+    merged_weight = layer.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="merged into weight.*unmerge\\(\\) first"):
+        if edit == "reset_lora_parameters":
+            layer.reset_lora_parameters()
+        elif edit in ("lora_A", "lora_B", "weight"):
+            setattr(layer, edit, nn.Parameter(torch.zeros_like(getattr(layer, edit))))
+        else:
+            setattr(layer, edit, {"scaling": 5.0, "r": 2, "lora_alpha": 99, "use_rslora": True}[edit])
+    assert torch.equal(layer.weight, merged_weight) and layer.scaling == 2.0 and layer.r == 4
+    layer.unmerge()
+    assert_close_scaled("unmerged weight", layer.weight, original, 4, magnitude_of=merged_weight)
+    layer.scaling = 5.0  # fine once unmerged
+    layer.reset_lora_parameters()
+
+
+def test_in_place_edits_of_a_merged_adapter_are_caught_and_unmerge_subtracts_what_merge_added():
+    layer, original = _merged_with_original()
+    merged_weight = layer.weight.detach().clone()
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        layer.lora_B.mul_(3.0)
+    with pytest.raises(RuntimeError, match="changed in place while the adapter is merged"):
+        layer(x)
+    layer.unmerge()
+    assert_close_scaled("unmerged weight", layer.weight, original, 4, magnitude_of=merged_weight)
+    # The layer now computes with the edited adapter.
+    expected = lora_linear_reference(x, original, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
+    assert_close_scaled("y", layer(x), expected, 32 + 4)
+    # An edit through .data escapes the version counter; unmerge() is exact all the same.
+    layer.merge()
+    layer.lora_A.data.mul_(-2.0)
+    layer.unmerge()
+    assert_close_scaled("unmerged weight", layer.weight, original, 4, magnitude_of=merged_weight)
+
+
+def test_a_merged_layer_moved_or_cast_still_runs_and_unmerges():
+    layer, original = _merged_with_original()
+    x = torch.randn(5, 32, dtype=torch.float64)
+    layer.double()
+    assert layer.merged_lora_A.dtype == torch.float64
+    assert layer(x).dtype == torch.float64  # the cast changed no value of the adapter: no false alarm
+    layer.unmerge()
+    assert_close_scaled("unmerged weight", layer.weight.float(), original, 4 * 32)
+
+
+def test_load_state_dict_keeps_weight_and_adapter_consistent():
+    layer, original = _merged_with_original()
+    merged_weight = layer.weight.detach().clone()
+    adapter_only = {"lora_A": torch.randn(4, 32), "lora_B": torch.randn(16, 4)}
+    with pytest.raises(RuntimeError, match="the adapter is merged into weight.*'lora_A', 'lora_B'"):
+        layer.load_state_dict(adapter_only, strict=False)
+    assert torch.equal(layer.weight, merged_weight) and not torch.equal(layer.lora_A, adapter_only["lora_A"])
+    with pytest.raises(RuntimeError, match="merged"):
+        layer.load_state_dict({"weight": original}, strict=False)
+    layer.unmerge()
+    layer.load_state_dict(adapter_only, strict=False)  # fine once unmerged
+    assert torch.equal(layer.lora_A, adapter_only["lora_A"])
+    # A state that says merged, without the weight it was merged into: refused too.
+    with pytest.raises(RuntimeError, match="the state says merged"):
+        layer.load_state_dict({"_extra_state": torch.tensor(True), **adapter_only}, strict=False)
+    assert not layer.merged
+    # A whole merged state: its adapter is what unmerge() subtracts (also with assign=True, and
+    # into a layer that is merged itself).
+    source, source_original = _merged_with_original()
+    for assign in (False, True):
+        layer.load_state_dict({k: v.clone() for k, v in source.state_dict().items()}, assign=assign)
+        assert layer.merged
+        layer.unmerge()
+        assert_close_scaled("unmerged weight", layer.weight, source_original, 4, magnitude_of=source.weight)
+        layer.merge()

@@ -195,6 +195,14 @@ def test_config_file_and_hub_name_offline(tmp_path, capsys, monkeypatch):
     assert from_name.split("\n")[1:] == from_file.split("\n")[1:]  # all but the name line
 
 
+def test_all_linear_on_the_command_line_is_peft_all_linear(capsys):
+    # One word on the command line, as PEFT's target_modules="all-linear": every linear layer but
+    # lm_head. Llama-3-8B at r=16: 32 layers x 16 x (2 x 8192 + 2 x 5120 + 3 x 18432) = 41,943,040.
+    assert main(["--config", "llama-3-8b", "--target-modules", "all-linear", "--r", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA r=16: 41,943,040 trainable parameters" in out, out
+
+
 def test_module_entry_point():
     result = subprocess.run([sys.executable, "-m", "fused_lora.memory", "--params", "7e9", "--dtype", "bf16"],
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -219,3 +227,66 @@ def test_bad_arguments(capsys):
     assert "--shape: expected INxOUT (in_features x out_features)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--params", "7e9", "--shape", "10x10"])
+
+
+# ---------------------------------------------------------------------------------------------
+# 4-bit (bitsandbytes NF4) weights
+# ---------------------------------------------------------------------------------------------
+
+def test_nf4_counts_bitsandbytes_storage_and_no_full_finetuning(capsys):
+    from fused_lora.memory import NF4_BYTES_PER_PARAMETER
+
+    assert NF4_BYTES_PER_PARAMETER == 0.5 + 1 / 64 + 4 / 16384  # packed nibbles, uint8 absmax, fp32 per 256
+    assert weight_bytes(7 * 10 ** 9, "nf4") == 7 * 10 ** 9 * (0.5 + 1 / 64 + 4 / 16384)  # 3.611e9 bytes
+    with pytest.raises(ValueError, match="full fine-tuning of a nf4 model is not possible"):
+        full_finetuning_memory(10 ** 9, "nf4")
+    assert main(["--params", "7e9", "--dtype", "nf4"]) == 0
+    out = capsys.readouterr().out
+    assert "weights                             3.61 GB (3.36 GiB)" in out
+    assert "full fine-tuning: not possible" in out
+    assert "  gradients" not in out and "Adam states" not in out  # no int4 "gradients" rows
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", [(64, 128), (96, 200), (33, 7)])
+def test_bnb_4bit_bytes_are_what_bitsandbytes_stores(shape, double_quant):
+    functional = pytest.importorskip("bitsandbytes.functional")
+    from fused_lora.memory import bnb_4bit_bytes
+
+    out_features, in_features = shape
+    packed, state = functional.quantize_4bit(torch.randn(out_features, in_features), blocksize=64,
+                                             compress_statistics=double_quant, quant_type="nf4")
+    tensors = [packed, state.absmax, state.code]
+    if double_quant:
+        tensors += [state.state2.absmax, state.state2.code, state.offset]
+    stored = sum(t.numel() * t.element_size() for t in tensors)
+    assert bnb_4bit_bytes(in_features, out_features, double_quant=double_quant) == stored
+
+
+def test_config_nf4_quantizes_the_linear_layers_and_keeps_the_rest_in_its_dtype(tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    from fused_lora.memory import quantized_4bit_bytes
+
+    from tiny_models import TINY_LLAMA_4BIT, tiny_llama_4bit
+
+    real = tiny_llama_4bit(0)  # transformers' load_in_4bit layout: every Linear but lm_head in NF4, the rest fp32
+    stored = 0
+    for param in real.parameters():
+        stored += param.numel() * param.element_size()
+        state = getattr(param, "quant_state", None)
+        if state is not None:
+            stored += sum(t.numel() * t.element_size() for t in (state.absmax, state.code, state.state2.absmax,
+                                                                  state.state2.code, state.offset))
+    values = dict(TINY_LLAMA, **TINY_LLAMA_4BIT)
+    counted, quantized = quantized_4bit_bytes(model_from_config(dict(values)), "fp32")
+    assert counted == stored
+    assert quantized == sum(m.weight.numel() * 2 for m in real.modules() if type(m).__name__ == "Linear4bit")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(values))
+    assert main(["--config", str(path), "--dtype", "nf4", "--unquantized-dtype", "fp32", "--r", "4"]) == 0
+    out = capsys.readouterr().out
+    assert f"weights in nf4 for {quantized:,d} (the linear layers but the output head), fp32 for the other" in out
+    assert "full fine-tuning: not possible" in out and "LoRA r=4" in out
+    with pytest.raises(SystemExit):
+        main(["--config", str(path), "--dtype", "bf16", "--unquantized-dtype", "fp32"])
+    assert "--unquantized-dtype: needs --config and --dtype nf4 or fp4" in capsys.readouterr().err

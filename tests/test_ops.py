@@ -1,6 +1,8 @@
 """The backend operations (launchers) one by one, against eager PyTorch on the same inputs;
 the triton launchers' strategies (pointer, TMA, cuBLAS hybrid), mask modes and plan cache."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -351,3 +353,48 @@ def test_triton_warp_specialised_tma_configs_do_not_flatten_on_sm90(triton_ops, 
     n = lora_reductions(T, K, N, r)
     for name in ("y", "dx"):
         assert_close_scaled(name, got[name].double(), want[name], n[name], dtype=torch.float16)
+
+
+@pytest.mark.parametrize("path", ["tma", "pointer", "hybrid", "timed"])
+def test_triton_caches_keep_no_user_tensor_alive(triton_ops, monkeypatch, path):
+    # Every new T builds plans (and, the first time per shape class, tries or times the
+    # candidates); none of that may keep the call's x and dy, or a deleted layer's
+    # parameters, alive: with variable sequence lengths that would grow until out of memory.
+    import gc
+    import weakref
+
+    device = _triton_device()
+    dtype = torch.float16 if path in ("tma", "timed") else torch.float32
+    if path in ("tma", "timed"):
+        if device.type == "cpu":
+            monkeypatch.setenv("FUSED_LORA_FORCE_TMA", "1")
+        elif torch.cuda.get_device_capability(device)[0] < 9:
+            pytest.skip("TMA needs sm_90")
+    if path == "hybrid":
+        original = triton_ops.tuning._gemm_candidates
+        monkeypatch.setattr(triton_ops.tuning, "_gemm_candidates", lambda *args, **kwargs: [
+            c for c in original(*args, **kwargs) if c[1] == "hybrid"] or [
+            ("hybrid", "hybrid", triton_ops.tuning.INTERPRETER_GEMM_CONFIG)])
+    timing = triton_ops.timing_runs() if path == "timed" else contextlib.nullcontext()
+    if path == "timed" and device.type == "cpu":  # one interpreted run per candidate is enough here
+        monkeypatch.setattr(triton_ops.tuning, "_time_ms", lambda fn, device: (fn(), 1.0)[1])
+    layer = fused_lora.FusedLoRALinear(32, 48, r=4, lora_dropout=0.1, device=device, dtype=dtype)
+    layer.backend = "triton"
+    refs = {name: weakref.ref(t) for name, t in layer.named_parameters()}
+    with timing:
+        for T in (40, 56, 72):
+            x = torch.randn(T, 32, device=device, dtype=dtype, requires_grad=True)
+            dy = torch.randn(T, 48, device=device, dtype=dtype)
+            layer(x).backward(dy)
+            refs[f"x (T={T})"], refs[f"dy (T={T})"] = weakref.ref(x), weakref.ref(dy)
+            del x, dy
+    assert triton_ops.plan_count() == 9  # three T, three plans each: the caches are full
+    plans = list(triton_ops._FORWARD_PLANS.plans.values()) + list(triton_ops._BACKWARD_PLANS.plans.values())
+    expected = {"tma": "tma:", "timed": "", "pointer": "pointer:", "hybrid": "hybrid"}[path]
+    assert all((getattr(plan, "label", None) or plan.dx_label).startswith(expected) for plan in plans)
+    if path == "timed":
+        assert any(r["source"] == "timed" for r in triton_ops.tuning_report().values())
+    del layer
+    gc.collect()
+    alive = [name for name, ref in refs.items() if ref() is not None]
+    assert not alive, f"still alive after del and gc.collect(), held by a cache: {alive}"

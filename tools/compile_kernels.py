@@ -59,9 +59,11 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fused_lora.kernels import dropout_mask, lora_bwd, lora_fwd, lora_shrink  # noqa: E402
+from fused_lora.kernels import dequant_4bit, dropout_mask, lora_bwd, lora_fwd, lora_fwd_4bit, lora_shrink  # noqa: E402
 from fused_lora.kernels.common import GemmConfig, rank_block  # noqa: E402
 from fused_lora.ops.triton_ops import tuning  # noqa: E402
+from fused_lora.ops.triton_ops.dequant import dequant_launch_options  # noqa: E402
+from fused_lora.ops.triton_ops.forward_4bit import forward_4bit_config, forward_4bit_launch_options  # noqa: E402
 from fused_lora.ops.triton_ops.launch import _lora_precision  # noqa: E402
 from fused_lora.philox import dropout_threshold  # noqa: E402
 
@@ -73,7 +75,7 @@ KERNELS = {fn.__name__: fn for fn in (
     lora_shrink._lora_shrink_kernel, lora_fwd._lora_fwd_kernel, lora_fwd._lora_fwd_tma_kernel,
     lora_bwd._lora_bwd_dy_kernel, lora_bwd._sum_partials_kernel, lora_bwd._lora_bwd_dx_kernel,
     lora_bwd._lora_bwd_dx_tma_kernel, lora_bwd._lora_bwd_da_kernel, dropout_mask._dropout_mask_kernel,
-    dropout_mask._unpack_keep_bits_kernel)}
+    dropout_mask._unpack_keep_bits_kernel, dequant_4bit._dequant_4bit_kernel, lora_fwd_4bit._lora_fwd_4bit_kernel)}
 T_REP, K_REP, N_REP = 8192, 4096, 4096  # representative sizes: Llama-8B hidden size, 8k tokens
 P_REP = 0.1
 
@@ -280,6 +282,41 @@ def tma_variants(config: GemmConfig, dtype, adapter, R, tag, forward, dx, gemm_l
                            BLOCK_N=config.BLOCK_K, BLOCK_K=config.BLOCK_N), options, picked)
 
 
+def dequant_4bit_variants(dtypes):
+    """The 4-bit dequantize into each 16/32-bit output dtype: nf4 / fp4, plain / nested (offset
+    on the device or a host float) at Linear4bit's blocksize 64; nf4 nested at both ends (32, 4096);
+    and the optional fused 4-bit forward (not a default): decode-sized T, nf4 nested at blocksize 64,
+    the absmax per column (K % 64 == 0) and per element. A 4096x4096 weight."""
+    n = K_REP * N_REP
+    cases = [("nf4", True, True, 64), ("nf4", True, False, 64), ("nf4", False, False, 64), ("fp4", True, True, 64),
+             ("fp4", False, False, 64), ("nf4", True, True, 32), ("nf4", True, True, 4096)]
+    outputs = [d for d in dict.fromkeys(dtypes) if d in ("fp16", "bf16", "fp32")]
+    for dtype, (quant_type, nested, offset_ptr, blocksize) in itertools.product(outputs, cases):
+        constexprs, options = dequant_launch_options(blocksize, quant_type, nested, 256 if nested else 1, offset_ptr,
+                                                     TORCH_DTYPES[dtype].itemsize)
+        f32 = ("ptr", "fp32")
+        yield Variant(f"dequant_4bit[{quant_type} bs={blocksize}] ->{dtype} nested={nested} offset_ptr={offset_ptr}",
+                      "_dequant_4bit_kernel",
+                      dict(packed_ptr=("ptr", "u8"), code_ptr=f32, absmax_ptr=("ptr", "u8") if nested else f32,
+                           nested_code_ptr=f32, nested_absmax_ptr=f32, offset_ptr=f32, out_ptr=("ptr", dtype),
+                           n_elements=n, n_bytes=(n + 1) // 2, n_blocks=-(-n // blocksize), offset=0.25),
+                      constexprs, options)
+    for dtype, (T, K) in itertools.product(outputs, [(16, K_REP), (64, K_REP + 4)]):
+        config = forward_4bit_config(T, 64, K, TORCH_DTYPES[dtype].itemsize)
+        precision = "ieee" if dtype == "fp32" else "tf32"
+        constexprs, options = forward_4bit_launch_options(64, "nf4", True, 256, True, True, precision, 16, config)
+        R, N = 16, N_REP
+        f32 = ("ptr", "fp32")
+        yield Variant(f"lora_fwd_4bit[{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']}] {dtype} nf4 nested "
+                      f"per_column={config['ABSMAX_PER_COLUMN']}", "_lora_fwd_4bit_kernel",
+                      dict(x_ptr=("ptr", dtype), packed_ptr=("ptr", "u8"), code_ptr=f32, absmax_ptr=("ptr", "u8"),
+                           nested_code_ptr=f32, nested_absmax_ptr=f32, offset_ptr=f32, bias_ptr=("ptr", dtype),
+                           xa_ptr=f32, b_ptr=f32, y_ptr=("ptr", dtype), T=T, N=N, K=K, R=R, offset=0.25,
+                           stride_xm=K, stride_xk=1, stride_xam=R, stride_xar=1, stride_bn=R, stride_br=1,
+                           stride_ym=N, stride_yn=1, scaling=2.0),
+                      constexprs, options)
+
+
 def mask_variants():
     for aligned in (True, False):
         yield Variant(f"dropout_mask K%8={'0' if aligned else 'odd'}", "_dropout_mask_kernel",
@@ -442,7 +479,8 @@ def main(argv=None):
             parser.error(f"a case is DTYPE:RANK:ADAPTERS with DTYPE in fp16, bf16, fp32, fp64 and ADAPTERS "
                          f"fp32 or x, not {':'.join(case)!r}")
     cases = [(d, int(r), a) for d, r, a in cases]
-    todo = [v for v in itertools.chain(variants(cases, args.all_configs), mask_variants())
+    todo = [v for v in itertools.chain(variants(cases, args.all_configs), mask_variants(),
+                                       dequant_4bit_variants([case[0] for case in cases]))
             if re.search(args.only, v.label) and (v.default or args.all_configs)]
     seen, unique = set(), []
     for v in todo:  # the same kernel and config from two dtypes' lists (sum_partials) once

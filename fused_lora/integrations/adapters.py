@@ -21,8 +21,8 @@ import os
 import torch
 import torch.nn as nn
 
-from ..checks import SUPPORTED_DTYPES, is_finite_real, plain_number
-from ..layer import FusedLoRALinear, lora_scaling
+from ..checks import HALF_DTYPES, SUPPORTED_DTYPES, is_finite_real, plain_number
+from ..layer import FusedLoRALinear, default_adapter_dtype, lora_scaling
 from .peft import lora_layers, matches_target, replace_linears, targeted_linears
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -251,15 +251,16 @@ def read_adapter_weights(directory) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _expected_adapters(root: nn.Module, layers, config: dict, config_path: str) -> list[tuple[str, int, int]]:
-    """(name, in_features, out_features) of every layer the adapter must fill; raises if the model cannot take it."""
+def _expected_adapters(root: nn.Module, layers, config: dict, config_path: str) -> list[tuple]:
+    """(name, in_features, out_features, base dtype, adapter dtype or None for a layer still to be made)
+    of every layer the adapter must fill; raises if the model cannot take it."""
     if not layers:
         try:
             chosen = targeted_linears(root, config["target_modules"])
         except ValueError as error:
             raise ValueError(f"{config_path}: field 'target_modules': {error}") from None
         linears = [(name, root.get_submodule(name)) for name in chosen]
-        return [(name, linear.in_features, linear.out_features) for name, linear in linears]
+        return [(name, linear.in_features, linear.out_features, linear.weight.dtype, None) for name, linear in linears]
     expected_scaling = lora_scaling(config["r"], config["lora_alpha"], config["use_rslora"])
     for name, layer in layers:
         if layer.merged:
@@ -271,14 +272,46 @@ def _expected_adapters(root: nn.Module, layers, config: dict, config_path: str) 
             raise ValueError(f"model: layer {name!r} has scaling {layer.scaling} but {CONFIG_NAME} gives "
                              f"{expected_scaling} (lora_alpha={config['lora_alpha']}, "
                              f"use_rslora={config['use_rslora']}; {config_path})")
-    return [(name, layer.in_features, layer.out_features) for name, layer in layers]
+    return [(name, layer.in_features, layer.out_features, None, layer.lora_A.dtype) for name, layer in layers]
+
+
+# dtype -> the dtypes that hold each of its values exactly (a wider mantissa and exponent range).
+_EXACT_CASTS = {
+    torch.float16: (torch.float16, torch.float32, torch.float64),
+    torch.bfloat16: (torch.bfloat16, torch.float32, torch.float64),
+    torch.float32: (torch.float32, torch.float64),
+    torch.float64: (torch.float64,),
+}
+
+
+def _new_adapter_dtype(file_dtypes: set, base_dtype: torch.dtype) -> torch.dtype:
+    """The adapter dtype of a layer load_adapter makes: the file's, where the fused op takes it with
+    this base; else one that holds the file's values exactly; else PEFT's default (the values are
+    then checked to survive the cast)."""
+    allowed = (base_dtype, torch.float32) if base_dtype in HALF_DTYPES else (base_dtype,)
+    if len(file_dtypes) == 1 and next(iter(file_dtypes)) in allowed:
+        return next(iter(file_dtypes))
+    for dtype in allowed:
+        if all(dtype in _EXACT_CASTS[d] for d in file_dtypes):
+            return dtype
+    return default_adapter_dtype(base_dtype)
+
+
+def _rounded_count(value: torch.Tensor, dtype: torch.dtype) -> int:
+    """How many elements of ``value`` change in a round trip through ``dtype`` (0: the cast is exact)."""
+    if dtype in _EXACT_CASTS[value.dtype]:
+        return 0
+    back = value.to(dtype).to(value.dtype)
+    same = (back == value) | (torch.isnan(back) & torch.isnan(value))
+    return int((~same).sum())
 
 
 def _check_tensors(tensors: dict, expected, r: int, weights_path: str) -> list[tuple[str, str, torch.Tensor]]:
-    """(layer name, "lora_A" or "lora_B", value) for every expected adapter; raises on a missing,
-    misshapen or unexpected key."""
+    """(layer name, "lora_A" or "lora_B", value in the layer's adapter dtype) for every expected adapter;
+    raises on a missing, misshapen or unexpected key, or a value the layer's dtype would round."""
     values = []
-    for name, in_features, out_features in expected:
+    for name, in_features, out_features, base_dtype, adapter_dtype in expected:
+        pair = []
         for param_name, shape in (("lora_A", (r, in_features)), ("lora_B", (out_features, r))):
             key = f"{PEFT_PREFIX}{name}.{param_name}.weight"
             if key not in tensors:
@@ -287,8 +320,18 @@ def _check_tensors(tensors: dict, expected, r: int, weights_path: str) -> list[t
             if tuple(value.shape) != shape:
                 raise ValueError(f"{weights_path}: key {key!r} has shape {tuple(value.shape)}, "
                                  f"layer {name!r} expects {shape}")
-            values.append((name, param_name, value))
-    used = {f"{PEFT_PREFIX}{name}.{p}.weight" for name, _, _ in expected for p in ("lora_A", "lora_B")}
+            pair.append((key, param_name, value))
+        if adapter_dtype is None:
+            adapter_dtype = _new_adapter_dtype({value.dtype for _, _, value in pair}, base_dtype)
+        for key, param_name, value in pair:
+            rounded = _rounded_count(value, adapter_dtype)
+            if rounded:
+                raise ValueError(f"{weights_path}: key {key!r} is {value.dtype} and layer {name!r} holds "
+                                 f"{adapter_dtype} adapters: the cast would round {rounded} of its "
+                                 f"{value.numel()} values (make the layers with adapter_dtype={value.dtype}, or "
+                                 f"load into a model without FusedLoRALinear layers)")
+            values.append((name, param_name, value.to(adapter_dtype)))
+    used = {f"{PEFT_PREFIX}{entry[0]}.{p}.weight" for entry in expected for p in ("lora_A", "lora_B")}
     unexpected = sorted(set(tensors) - used)
     if unexpected:
         raise ValueError(f"{weights_path}: unexpected key {unexpected[0]!r} (no FusedLoRALinear in the model "
@@ -326,11 +369,16 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
 
     A model without FusedLoRALinear layers gets them, as ``apply_lora`` with the
     directory's config (target_modules, r, lora_alpha, lora_dropout, use_rslora) would
-    make them. A model that has them must match the config (r, scaling); their
-    lora_dropout is set to the config's.
+    make them, with the file's adapter dtype where the fused op takes it with that base
+    (PEFT saves fp32 adapters: fp32 on a bf16 model, as PEFT loads them), else a dtype that
+    holds the file's values exactly (bf16 values on an fp32 base: fp32). A model that has
+    them must match the config (r, scaling); their lora_dropout is set to the config's, and
+    their adapters keep their dtype.
 
     The config and the tensors are read and checked against the model (names, shapes,
-    dtypes, the config's values) before the model is touched; on any error the model
+    dtypes, the config's values) before the model is touched. Dtypes: a tensor is never
+    rounded; one whose values the layer's adapter dtype cannot hold exactly (fp32 values
+    into bf16 adapters) is a ValueError naming the key. On any error the model
     is as before: the same module objects, requires_grad flags and values. Errors are
     ValueErrors naming the file and the field or key.
     """
@@ -348,9 +396,10 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     restore = _Restore(root, layers)
     try:
         if not layers:
-            replace_linears(root, [name for name, _, _ in expected], r=config["r"],
+            adapter_dtypes = {name: value.dtype for name, _, value in values}
+            replace_linears(root, [entry[0] for entry in expected], r=config["r"],
                             lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"],
-                            use_rslora=config["use_rslora"])
+                            use_rslora=config["use_rslora"], adapter_dtype=adapter_dtypes)
         _copy_values(dict(lora_layers(root)), values)
         for _, layer in lora_layers(root):
             layer.lora_dropout = config["lora_dropout"]

@@ -8,13 +8,18 @@
   (``re.fullmatch``), except ``"all-linear"``, which targets every linear layer but
   the model's output layer (``get_output_embeddings()``), as PEFT does.
 
-``from_peft`` keeps PEFT's ``lora.Linear`` modules and only changes their class to
+``from_peft`` fuses what it can (``conversion_problem`` decides, per module; the rest stays
+PEFT's, and a summary says what was fused and why not). It keeps PEFT's ``lora.Linear`` modules
+and only changes their class to
 ``FusedPeftLinear``, a subclass whose ``forward`` calls ``fused_lora_linear`` while PEFT's
 own forward would compute plain LoRA (one active adapter, not merged, adapters enabled,
 no DoRA or other variant, a plain ``nn.Linear`` base, a frozen base, dtypes the fused op
 takes) and calls PEFT's forward otherwise. Everything else stays PEFT's: the parameters
 (same objects, same names), ``save_pretrained``, ``merge_and_unload``, ``unload``,
 ``disable_adapter()``, ``set_adapter``, ``add_adapter``, the parameter counts.
+PEFT's LoRA layer over a bitsandbytes 4-bit base (``peft.tuners.lora.bnb.Linear4bit``, QLoRA)
+becomes ``FusedPeftLinear4bit`` the same way: the fused op reads the ``Params4bit`` in place
+(``fused_lora.quantized``) while it computes what PEFT's forward would (see ``fused_adapter``).
 NOTE: swapping in our own module type instead would need every one of those PEFT
 features re-implemented (and kept in step with PEFT); routing only the forward keeps
 them PEFT's by construction, and the fallback keeps every other case exactly PEFT's.
@@ -22,9 +27,12 @@ them PEFT's by construction, and the fallback keeps every other case exactly PEF
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import re
+import sys
+import warnings
 from typing import Iterable
 
 import torch
@@ -32,9 +40,11 @@ import torch.nn as nn
 
 from ..checks import HALF_DTYPES, SUPPORTED_DTYPES, check_dropout_p, check_rank, type_name
 from ..functional import TRITON_MAX_RANK, fused_lora_linear
-from ..layer import FusedLoRALinear, lora_scaling
+from ..layer import FusedLoRALinear, check_adapter_dtype, linear_problem, lora_scaling
+from ..quantized import is_linear_4bit, plain_linear_4bit, weight_4bit
 
 ALL_LINEAR = "all-linear"
+_LOGGER = logging.getLogger(__name__)
 
 
 def _check_target_modules(target_modules) -> str | frozenset[str]:
@@ -92,14 +102,23 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float = 8,
-               lora_dropout: float = 0.0, use_rslora: bool = False) -> nn.Module:
+               lora_dropout: float = 0.0, use_rslora: bool = False, adapter_dtype=None) -> nn.Module:
     """Replace the targeted ``nn.Linear`` layers by FusedLoRALinear, freeze everything else; returns ``model``.
 
     The new layers reuse (and freeze) the linear layers' weight and bias tensors;
     ``lora_A`` and ``lora_B`` are the only trainable parameters afterwards (A
     kaiming-uniform, B zeros, so the model computes what it did before).
-    Raises ValueError when nothing matches (listing the module names seen), or when a
-    matched module is not a plain floating-point ``nn.Linear``; then the model is unchanged.
+    ``adapter_dtype``: None (PEFT's default: fp32 adapters on fp16/bf16 layers, else the
+    layer's dtype), or a dtype the fused op takes (the layer's, or fp32 on fp16/bf16).
+
+    Only linear layers that a FusedLoRALinear computes faithfully are replaced
+    (``targeted_linears``): a named target with its own forward (an ``nn.Linear``
+    subclass, a patched forward), hooks, a quantised weight, or whose parent reads its
+    weight directly (``nn.MultiheadAttention.out_proj``) is a ValueError naming the module
+    and the reason; ``"all-linear"`` skips such layers. Raises ValueError when nothing
+    matches (listing the module names seen); on any error the model is unchanged.
+    The one quantised layer taken: bitsandbytes' ``Linear4bit`` (QLoRA: NF4 or FP4, quantized,
+    plain), whose 4-bit weight is used in place (``FusedLoRALinear.from_linear``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -109,21 +128,64 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float =
     if not isinstance(use_rslora, bool):
         raise TypeError(f"use_rslora: expected a bool, got {type_name(use_rslora)}")
     chosen = targeted_linears(model, target_modules)
-    replace_linears(model, chosen, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
+    for name in chosen:  # checks adapter_dtype against every layer before anything changes
+        module = model.get_submodule(name)
+        if not is_linear_4bit(module):
+            check_adapter_dtype(adapter_dtype, module.weight.dtype)
+        elif adapter_dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"adapter_dtype: expected None, torch.float32, torch.float16 or torch.bfloat16 for the "
+                            f"4-bit layer {name!r}, got {adapter_dtype!r}")
+    replace_linears(model, chosen, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
+                    adapter_dtype=adapter_dtype)
     return model
+
+
+# Parents that read a child linear's weight directly instead of calling the child: a FusedLoRALinear
+# there would never run (its adapter would change no output and get no gradient).
+# nn.TransformerEncoderLayer does so on its inference fast path (torch._transformer_encoder_layer_fwd).
+WEIGHT_READ_BY_PARENT = ((nn.MultiheadAttention, ("out_proj",)),
+                         (nn.TransformerEncoderLayer, ("linear1", "linear2")))
+
+
+def replacement_problem(model: nn.Module, name: str) -> str | None:
+    """None when ``apply_lora`` can replace the module ``name`` of ``model`` by a FusedLoRALinear
+    that computes what it did; else why not (a phrase after the module's name)."""
+    module = model.get_submodule(name)
+    if isinstance(module, FusedLoRALinear):
+        return "already is a FusedLoRALinear"
+    problem = _linear_4bit_problem(module) if is_linear_4bit(module) else linear_problem(module)
+    if problem is not None:
+        return problem
+    if _is_quantised(module) and not is_linear_4bit(module):
+        return f"is a quantised {type(module).__module__}.{type(module).__name__} (not supported by fused_lora)"
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    for kind, children in WEIGHT_READ_BY_PARENT:
+        if isinstance(parent, kind) and child in children:
+            return (f"is read directly by its parent {type(parent).__name__} (which uses {child}.weight, not "
+                    f"{child}'s forward): a FusedLoRALinear there would never run, and its adapter would get "
+                    f"no gradient")
+    return None
 
 
 def targeted_linears(model: nn.Module, target_modules) -> list[str]:
     """The qualified names of the ``nn.Linear`` layers ``target_modules`` picks; the model is not touched.
 
-    Raises ValueError when nothing matches, or when a matched module is not a plain
-    floating-point ``nn.Linear`` (or already is a FusedLoRALinear).
+    ``"all-linear"`` picks every ``torch.nn.Linear`` (the class itself, not subclasses, but
+    bitsandbytes' ``Linear4bit``, whose 4-bit weight FusedLoRALinear reads in place) except
+    the output layer, and of those only the ones a FusedLoRALinear can replace faithfully
+    (``replacement_problem``: no hooks, no patched forward, a floating-point weight, not read
+    directly by its parent such as ``nn.MultiheadAttention.out_proj``); the others are left as
+    they are. Names and regexes must pick only such layers: raises ValueError when nothing
+    matches, or naming a matched module that cannot be replaced, and why.
     """
     targets = _check_target_modules(target_modules)
     names = [name for name, _ in model.named_modules() if name]
     if targets == ALL_LINEAR:
         output_name = _output_layer_name(model)
-        chosen = [name for name in names if type(model.get_submodule(name)) is nn.Linear and name != output_name]
+        chosen = [name for name in names if name != output_name
+                  and (type(model.get_submodule(name)) is nn.Linear or is_linear_4bit(model.get_submodule(name)))
+                  and replacement_problem(model, name) is None]
     else:
         chosen = [name for name in names if matches_target(targets, name)]
     if not chosen:
@@ -131,24 +193,23 @@ def targeted_linears(model: nn.Module, target_modules) -> list[str]:
         raise ValueError(f"target_modules: {target_modules!r} matched no module of the model; "
                          f"module names seen: {seen}")
     for name in chosen:
-        module = model.get_submodule(name)
-        if isinstance(module, FusedLoRALinear):
-            raise ValueError(f"target_modules: module {name!r} already is a FusedLoRALinear")
-        if not isinstance(module, nn.Linear) or _is_quantised(module):
-            raise ValueError(f"target_modules: module {name!r} is a {type(module).__name__}; fused_lora "
-                             f"supports only torch.nn.Linear with a floating-point weight")
+        problem = replacement_problem(model, name)
+        if problem is not None:
+            raise ValueError(f"target_modules: module {name!r} {problem}")
     return chosen
 
 
 def replace_linears(model: nn.Module, chosen: list[str], r: int, lora_alpha: float, lora_dropout: float,
-                    use_rslora: bool) -> None:
-    """Freeze every parameter of ``model``, then swap the linear layers named in ``chosen`` (checked) for FusedLoRALinear."""
+                    use_rslora: bool, adapter_dtype=None) -> None:
+    """Freeze every parameter of ``model``, then swap the linear layers named in ``chosen`` (checked) for
+    FusedLoRALinear. ``adapter_dtype``: None, a dtype, or a dict of name to dtype (None for a missing name)."""
     for param in model.parameters():
         param.requires_grad_(False)
     for name in chosen:
         linear = model.get_submodule(name)
+        dtype = adapter_dtype.get(name) if isinstance(adapter_dtype, dict) else adapter_dtype
         layer = FusedLoRALinear.from_linear(linear, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                            use_rslora=use_rslora)
+                                            use_rslora=use_rslora, adapter_dtype=dtype)
         layer.train(linear.training)
         _replace_module(model, name, layer)
 
@@ -226,7 +287,12 @@ def fused_adapter(module, x: torch.Tensor | None = None) -> tuple[str | None, st
     if getattr(module, "fan_in_fan_out", False):
         return None, "it uses fan_in_fan_out=True"
     base = children["base_layer"]
-    if not _plain_linear(base):
+    four_bit = type(module) is not _FUSED_PEFT_LINEAR and is_linear_4bit(base)
+    if four_bit:
+        reason = _linear_4bit_problem(base)
+        if reason is not None:
+            return None, f"its base layer {reason}"
+    elif not _plain_linear(base):
         return None, f"its base layer is a {type(base).__name__}, not a plain unquantised nn.Linear"
     if _global_module_hooks():
         return None, "global module forward hooks are registered"
@@ -241,7 +307,11 @@ def fused_adapter(module, x: torch.Tensor | None = None) -> tuple[str | None, st
         return None, "the input is not a (..., in_features) tensor"
     device_type = x.device.type
     x_dtype = _autocast_dtype(x, device_type)
-    if x_dtype not in SUPPORTED_DTYPES or _autocast_dtype(base.weight, device_type) != x_dtype \
+    if four_bit:
+        reason = _linear_4bit_dtype_reason(base, x, x_dtype)
+        if reason is not None:
+            return None, reason
+    elif x_dtype not in SUPPORTED_DTYPES or _autocast_dtype(base.weight, device_type) != x_dtype \
             or _autocast_dtype(base.bias, device_type) not in (None, x_dtype):
         return None, f"the input ({x.dtype}) and the base layer ({base.weight.dtype}) differ in dtype"
     adapter_dtype = weight_A.dtype
@@ -257,18 +327,53 @@ def fused_adapter(module, x: torch.Tensor | None = None) -> tuple[str | None, st
     return adapter, None
 
 
+def _linear_4bit_problem(module) -> str | None:
+    """None when a FusedLoRALinear (or the fused op) computes what bitsandbytes' ``Linear4bit`` ``module``
+    does (input aside); else why not, as a phrase after the module's name."""
+    if not plain_linear_4bit(module):
+        return (f"is a {type(module).__module__}.{type(module).__qualname__} with its own or a patched forward, or "
+                f"with forward hooks (fused_lora takes a plain bitsandbytes Linear4bit)")
+    try:
+        weight_4bit(module.weight, "its weight")
+    except (TypeError, ValueError) as error:
+        return f"has a 4-bit weight fused_lora cannot read in place ({error})"
+    return None
+
+
+def _linear_4bit_dtype_reason(base, x: torch.Tensor, x_dtype) -> str | None:
+    """Why the fused op, computing in x's dtype, would differ from ``Linear4bit.forward`` on this input, or None.
+
+    Linear4bit casts x to its ``compute_dtype`` (when set) and its result back to x's dtype; under
+    autocast its result is cast back to x's own dtype too. The fused op computes in x's (autocast)
+    dtype: the same when the compute dtype is x's, and x is already in the autocast dtype.
+    """
+    if x_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the input is {x.dtype}; a 4-bit base computes in float16, bfloat16 or float32"
+    if x_dtype != x.dtype:
+        return f"autocast to {x_dtype} with an input in {x.dtype} (Linear4bit returns the input's dtype)"
+    compute_dtype = base.compute_dtype
+    if compute_dtype is not None and compute_dtype != x_dtype:
+        return f"its Linear4bit computes in {compute_dtype} (compute_dtype), the input is {x_dtype}"
+    return None
+
+
 def _fused_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """``FusedPeftLinear.forward``: the fused op when it computes PEFT's result, else PEFT's forward."""
     adapter = None
     if not args and not kwargs:  # adapter_names (mixed batches), variant kwargs: PEFT's business
         adapter, _ = fused_adapter(module, x)
     if adapter is None:
-        return _peft_lora_types()[1].forward(module, x, *args, **kwargs)
+        return module._peft_forward(x, *args, **kwargs)
     children = module._modules
     base = children["base_layer"]
     dropout = children["lora_dropout"][adapter]
     p = float(dropout.p) if type(dropout) is nn.Dropout else 0.0
-    return fused_lora_linear(x, base.weight, base.bias, children["lora_A"][adapter].weight,
+    bias = base.bias
+    if bias is not None and type(module) is not _FUSED_PEFT_LINEAR:
+        dtype = _autocast_dtype(x, x.device.type)
+        if bias.dtype != dtype:  # Linear4bit casts its bias to the input's dtype (in place; here a copy)
+            bias = bias.to(dtype)
+    return fused_lora_linear(x, base.weight, bias, children["lora_A"][adapter].weight,
                              children["lora_B"][adapter].weight, float(module.scaling[adapter]), p,
                              training=bool(dropout.training), backend=module.fused_lora_backend)
 
@@ -289,62 +394,174 @@ def fused_peft_linear_type():
                        "``fused_lora_backend``: None (automatic) or a backend name.",
             "fused_lora_backend": None,
             "forward": _fused_forward,
+            "_peft_forward": peft_linear.forward,
             "fused_adapter": fused_adapter,
         })
     return _FUSED_PEFT_LINEAR
 
 
+_FUSED_PEFT_LINEAR_4BIT = None
+
+
+def _peft_linear_4bit_type():
+    """PEFT's ``peft.tuners.lora.bnb.Linear4bit``, or None. NOTE: never imports bitsandbytes (nor PEFT's bnb
+    module, which would): a model holding such a layer has imported both."""
+    if "bitsandbytes" not in sys.modules:
+        return None
+    module = sys.modules.get("peft.tuners.lora.bnb")
+    return getattr(module, "Linear4bit", None) if module is not None else None
+
+
+def fused_peft_linear_4bit_type():
+    """The class ``FusedPeftLinear4bit``: PEFT's ``bnb.Linear4bit`` LoRA layer (QLoRA) with a fused forward."""
+    global _FUSED_PEFT_LINEAR_4BIT
+    if _FUSED_PEFT_LINEAR_4BIT is None:
+        peft_linear_4bit = _peft_linear_4bit_type()
+        if peft_linear_4bit is None:
+            import importlib
+
+            from ..quantized import require_bitsandbytes
+
+            require_bitsandbytes()
+            peft_linear_4bit = importlib.import_module("peft.tuners.lora.bnb").Linear4bit
+        _FUSED_PEFT_LINEAR_4BIT = type("FusedPeftLinear4bit", (peft_linear_4bit,), {
+            "__module__": __name__,
+            "__qualname__": "FusedPeftLinear4bit",
+            "__doc__": "PEFT's ``bnb.Linear4bit`` LoRA layer over a bitsandbytes 4-bit base, whose forward runs "
+                       "``fused_lora_linear``\n(the 4-bit weight read in place) when that computes what PEFT would "
+                       "(see ``fused_adapter``), and PEFT's own forward otherwise.",
+            "fused_lora_backend": None,
+            "forward": _fused_forward,
+            "_peft_forward": peft_linear_4bit.forward,
+            "fused_adapter": fused_adapter,
+        })
+    return _FUSED_PEFT_LINEAR_4BIT
+
+
 def __getattr__(name):
-    # NOTE: the class exists only once peft is imported; created on first use, also by pickle.
+    # NOTE: the classes exist only once peft (and bitsandbytes) are imported; created on first use, also by pickle.
     if name == "FusedPeftLinear":
         return fused_peft_linear_type()
+    if name == "FusedPeftLinear4bit":
+        return fused_peft_linear_4bit_type()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _check_convertible(name: str, module, peft_linear_type) -> None:
-    """Refuse what could never take the fused path (a layer type, a base layer, a variant the user chose)."""
+def fused_type_of(module, peft_linear_type=None):
+    """The fused class a PEFT LoRA module becomes in ``from_peft`` (FusedPeftLinear, or FusedPeftLinear4bit over
+    a bitsandbytes 4-bit base), or None for the others."""
+    if peft_linear_type is None:
+        peft_linear_type = _peft_lora_types()[1]
+    if type(module) in (peft_linear_type, _FUSED_PEFT_LINEAR):
+        return fused_peft_linear_type()
+    linear_4bit = _peft_linear_4bit_type()
+    if linear_4bit is not None and type(module) in (linear_4bit, _FUSED_PEFT_LINEAR_4BIT):
+        return fused_peft_linear_4bit_type()
+    return None
+
+
+def conversion_problem(module, peft_linear_type=None) -> str | None:
+    """None when ``from_peft`` converts the PEFT LoRA layer ``module`` (its class becomes FusedPeftLinear),
+    else why not: a phrase after the module's name, the same for every module with that reason (the
+    summary groups by it). The one place that decides which modules can take the fused path.
+
+    Converted: ``peft.tuners.lora.Linear`` over an unquantised ``nn.Linear``, and PEFT's
+    ``lora.bnb.Linear4bit`` over a bitsandbytes 4-bit ``Linear4bit`` (QLoRA; it becomes
+    FusedPeftLinear4bit). Not converted: other layer types (Embedding, Conv, MultiheadAttention,
+    8-bit and other quantised layers), ``fan_in_fan_out`` (Conv1D-style weights), a
+    base layer of another kind, and active adapters using DoRA or another variant,
+    ``lora_bias``, or a dropout other than ``nn.Dropout``. What can change between calls (adapters
+    merged or disabled, several active adapters, dtypes, hooks) is decided per call by ``fused_adapter``.
+    """
+    if peft_linear_type is None:
+        peft_linear_type = _peft_lora_types()[1]
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else None
+    fused_type = fused_type_of(module, peft_linear_type)
+    if fused_type is not None and fused_type is _FUSED_PEFT_LINEAR_4BIT:
+        if not is_linear_4bit(base):
+            return (f"is PEFT's bnb.Linear4bit over a {type(base).__name__} (fused_lora fuses it over a "
+                    f"bitsandbytes Linear4bit)")
+        return _adapter_problem(module)
     if type(module) not in (peft_linear_type, fused_peft_linear_type()):  # a subclass may compute otherwise
-        base = module.get_base_layer() if hasattr(module, "get_base_layer") else None
-        kind = "a quantised base layer" if base is not None and _is_quantised(base) else "this layer type"
-        raise ValueError(f"from_peft: module {name!r} is a {type(module).__module__}.{type(module).__name__} "
-                         f"(base layer {type(base).__name__}); fused_lora does not support {kind}, "
-                         f"only peft.tuners.lora.Linear over torch.nn.Linear")
+        kind = f"{type(module).__module__}.{type(module).__qualname__}"
+        if base is not None and _is_quantised(base):
+            return (f"has a quantised base layer {type(base).__module__}.{type(base).__name__} (a {kind}; "
+                    f"quantised base layers are not supported)")
+        return (f"is a {kind} over a {type(base).__name__} (fused_lora fuses peft.tuners.lora.Linear over "
+                f"torch.nn.Linear only)")
     if getattr(module, "fan_in_fan_out", False):
-        raise ValueError(f"from_peft: module {name!r} uses fan_in_fan_out=True (Conv1D-style weights); "
-                         f"not supported by fused_lora")
-    base = module.get_base_layer()
+        return "uses fan_in_fan_out=True (Conv1D-style weights)"
     if not isinstance(base, nn.Linear) or _is_quantised(base):
-        raise ValueError(f"from_peft: module {name!r} has a base layer {type(base).__name__} with weight dtype "
-                         f"{getattr(getattr(base, 'weight', None), 'dtype', None)}; fused_lora supports only "
-                         f"unquantised torch.nn.Linear bases (quantised base layers are not supported)")
+        return (f"has a base layer {type(base).__name__} with weight dtype "
+                f"{getattr(getattr(base, 'weight', None), 'dtype', None)} (fused_lora supports unquantised "
+                f"torch.nn.Linear bases only; quantised base layers are not supported)")
+    return _adapter_problem(module)
+
+
+def _adapter_problem(module) -> str | None:
+    """Why an active adapter of ``module`` is one the fused op never computes, or None."""
     for adapter in module.active_adapters:
         if adapter not in module.lora_A:
             continue
         if module.use_dora.get(adapter, False):
-            raise ValueError(f"from_peft: module {name!r} uses DoRA (use_dora=True); not supported by fused_lora")
+            return "uses DoRA (use_dora=True)"
         variant = module.lora_variant.get(adapter)
         if variant is not None:
-            raise ValueError(f"from_peft: module {name!r} uses the LoRA variant {type(variant).__name__}; "
-                             f"fused_lora supports plain LoRA only")
+            return f"uses the LoRA variant {type(variant).__name__} (fused_lora computes plain LoRA)"
         if getattr(module, "lora_bias", {}).get(adapter, False) or module.lora_B[adapter].bias is not None:
-            raise ValueError(f"from_peft: module {name!r} uses lora_bias=True; not supported by fused_lora")
+            return "uses lora_bias=True"
         dropout = module.lora_dropout[adapter]
         if type(dropout) not in (nn.Dropout, nn.Identity):
-            raise ValueError(f"from_peft: module {name!r} uses a {type(dropout).__name__} as LoRA dropout; "
-                             f"fused_lora supports nn.Dropout only")
+            return f"uses a {type(dropout).__name__} as LoRA dropout (fused: nn.Dropout)"
+    return None
 
 
-def from_peft(peft_model: nn.Module, *, backend: str | None = None) -> nn.Module:
+class FromPeftSummary:
+    """What ``from_peft`` did: ``fused``, the names of the modules that take the fused path, and
+    ``not_fused``, a dict from each reason to the names of the modules that keep PEFT's own forward
+    for it. ``str()`` gives a few lines for a log."""
+
+    def __init__(self, fused: list[str], not_fused: dict[str, list[str]]):
+        self.fused = tuple(fused)
+        self.not_fused = {reason: tuple(names) for reason, names in not_fused.items()}
+
+    @property
+    def total(self) -> int:
+        return len(self.fused) + sum(len(names) for names in self.not_fused.values())
+
+    def __repr__(self) -> str:
+        counts = {reason: len(names) for reason, names in self.not_fused.items()}
+        return f"FromPeftSummary(fused={len(self.fused)}, not_fused={counts})"
+
+    def __str__(self) -> str:
+        kept = self.total - len(self.fused)
+        lines = [f"from_peft: {len(self.fused)} of {self.total} PEFT LoRA modules take the fused path"
+                 + (f"; {kept} keep PEFT's own forward:" if kept else "")]
+        for reason, names in self.not_fused.items():
+            shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+            lines.append(f"  {len(names)} {reason}: {shown}")
+        return "\n".join(lines)
+
+
+def from_peft(peft_model: nn.Module, *, backend: str | None = None, strict: bool = False) -> nn.Module:
     """Route the forward of every PEFT LoRA ``Linear`` in ``peft_model`` through ``fused_lora_linear``, in place.
 
     The modules stay PEFT's (their class becomes ``FusedPeftLinear``, a subclass of
-    ``peft.tuners.lora.Linear``), so every PEFT feature keeps working: ``save_pretrained``,
+    ``peft.tuners.lora.Linear``; over a bitsandbytes 4-bit base, QLoRA, ``FusedPeftLinear4bit``, a
+    subclass of PEFT's ``lora.bnb.Linear4bit``, whose 4-bit weight is read in place and never
+    changed), so every PEFT feature keeps working: ``save_pretrained``,
     ``merge_and_unload``, ``unload``, ``disable_adapter()``, ``set_adapter``, ``add_adapter``.
     A call takes the fused path while PEFT would compute plain LoRA with one active adapter
     and PEFT's own forward otherwise (``module.fused_adapter(x)`` says which, and why).
-    Refused with a ValueError naming the module, before anything changes: layer types other
-    than ``lora.Linear``, quantised bases, ``fan_in_fan_out``, and active adapters using DoRA
-    or another variant, ``lora_bias`` or a dropout other than ``nn.Dropout``.
+
+    Fuses what it can: a LoRA module the fused op cannot compute (``conversion_problem``: an
+    Embedding, Conv or MultiheadAttention LoRA, a quantised base, ``fan_in_fan_out`` (GPT-2's
+    Conv1D), DoRA or another variant, ``lora_bias``, a dropout other than ``nn.Dropout``) stays
+    PEFT's own module, with PEFT's forward and outputs. The summary (a ``FromPeftSummary``: the
+    fused modules, and the others grouped by reason) is logged at INFO level (logger
+    ``fused_lora.integrations.peft``) and kept as ``peft_model.fused_lora_summary``; a
+    UserWarning says so when no module could be fused. ``strict=True`` refuses instead, with a
+    ValueError naming the first such module and its reason, before anything changes.
     ``backend``: None (automatic), "triton", "cpu" or "torch". Returns ``peft_model``.
     """
     if not isinstance(peft_model, nn.Module):
@@ -353,16 +570,31 @@ def from_peft(peft_model: nn.Module, *, backend: str | None = None) -> nn.Module
         from ..ops.backends import BACKEND_NAMES
         if backend not in BACKEND_NAMES:
             raise ValueError(f"backend: expected None or one of {BACKEND_NAMES}, got {backend!r}")
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict: expected a bool, got {type_name(strict)}")
     lora_layer_type, peft_linear_type = _peft_lora_types()
     found = [(name, module) for name, module in peft_model.named_modules() if isinstance(module, lora_layer_type)]
     if not found:
         raise ValueError("peft_model: found no PEFT LoRA layer in the model")
+    fused, not_fused = [], {}
     for name, module in found:
-        _check_convertible(name, module, peft_linear_type)
-    fused_type = fused_peft_linear_type()
-    for _, module in found:
-        module.__class__ = fused_type
+        problem = conversion_problem(module, peft_linear_type)
+        if problem is None:
+            fused.append((name, module))
+        elif strict:
+            raise ValueError(f"from_peft: module {name!r} {problem}; not supported by fused_lora "
+                             f"(strict=False keeps PEFT's forward for it and fuses the rest)")
+        else:
+            not_fused.setdefault(problem, []).append(name)
+    for _, module in fused:
+        module.__class__ = fused_type_of(module, peft_linear_type)
         module.fused_lora_backend = backend
+    summary = FromPeftSummary([name for name, _ in fused], not_fused)
+    peft_model.fused_lora_summary = summary
+    _LOGGER.info("%s", summary)
+    if not fused:
+        warnings.warn(f"{summary}\nfrom_peft: no module could be fused; the model runs PEFT's forward everywhere",
+                      UserWarning, stacklevel=2)
     return peft_model
 
 
@@ -408,12 +640,24 @@ class PeftAdapterView:
 
 def lora_layers(model: nn.Module) -> list[tuple[str, FusedLoRALinear]]:
     """The (qualified name, layer) pairs of every FusedLoRALinear in ``model``; a module converted by
-    ``from_peft`` appears as a ``PeftAdapterView`` of its active adapter."""
-    fused_type = _FUSED_PEFT_LINEAR
-    layers = []
+    ``from_peft`` appears as a ``PeftAdapterView`` of its active adapter.
+
+    A PEFT LoRA module that ``from_peft`` left to PEFT (an Embedding LoRA, say) is a ValueError: an
+    adapter file written or read without it would be incomplete; PEFT's own save/load handle it.
+    """
+    fused_types = tuple(t for t in (_FUSED_PEFT_LINEAR, _FUSED_PEFT_LINEAR_4BIT) if t is not None)
+    lora_layer_type = _peft_lora_types()[0] if fused_types else None
+    layers, left = [], []
     for name, module in model.named_modules():
         if isinstance(module, FusedLoRALinear):
             layers.append((name, module))
-        elif fused_type is not None and isinstance(module, fused_type):
+        elif fused_types and isinstance(module, fused_types):
             layers.append((name, PeftAdapterView(name, module)))
+        elif lora_layer_type is not None and isinstance(module, lora_layer_type):
+            left.append((name, module))
+    if left and any(isinstance(layer, PeftAdapterView) for _, layer in layers):
+        name, module = left[0]
+        raise ValueError(f"model: layer {name!r} is a PEFT LoRA module that from_peft left to PEFT "
+                         f"({conversion_problem(module) or 'not converted'}; {len(left)} such in all); use PEFT's "
+                         f"save_pretrained / load_adapter for this model")
     return layers

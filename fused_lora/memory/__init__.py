@@ -10,7 +10,8 @@ transformers).
 """
 
 from .calculator import (ADAM_BYTES_PER_PARAMETER, ADAPTER_BYTES_PER_PARAMETER, BYTES_PER_PARAMETER,  # noqa: F401
-                         CONFIG_DIR, GB, GIB, KNOWN_CONFIGS, MemoryEstimate, count_lora_parameters,
+                         CONFIG_DIR, GB, GIB, KNOWN_CONFIGS, NF4_BYTES_PER_PARAMETER, MemoryEstimate,
+                         bnb_4bit_bytes, count_lora_parameters, quantized_4bit_bytes,
                          count_model_parameters, format_bytes, full_finetuning_memory, known_config,
                          linear_layer_names, load_config, lora_finetuning_memory, lora_parameter_count, main,
                          model_from_config, percent_fewer, report, weight_bytes)

@@ -5,6 +5,7 @@ Usage (also installed as the command ``fused-lora-memory``)::
     python -m fused_lora.memory --params 175e9 --dtype fp32
     python -m fused_lora.memory --shape 4096x4096 --shape 4096x1024 --r 16
     python -m fused_lora.memory --config mt0-large --target-modules q v --r 8
+    python -m fused_lora.memory --config llama-3-8b --target-modules all-linear --r 16
     python -m fused_lora.memory --config path/to/config.json --target-modules q_proj v_proj --dtype bf16
 
 A weight's shape is written in_features x out_features (``KxN``), as in the benchmark.
@@ -17,6 +18,16 @@ What is counted, per training setup (activations are not: they depend on batch a
 * LoRA: the frozen weights in ``dtype``, the adapters in fp32 (PEFT's default), their
   gradients in fp32 and their Adam moments; a targeted weight of in_features x out_features
   adds ``r * (in_features + out_features)`` trainable parameters.
+
+``--dtype nf4`` (or ``fp4``): the linear weights as bitsandbytes stores a 4-bit weight
+(QLoRA), counted as it really is: the packed weights (half a byte each), one absmax per
+block of 64 and, with double quantization (``Linear4bit``'s default), that absmax as one
+byte plus an fp32 absmax per 256 of them: 0.5 + 1/64 + 4/16384 bytes per weight, 3.61 GB
+for 7e9 weights (with ``--shape`` / ``--config`` also each layer's code books and offset).
+Full fine-tuning of a 4-bit model is not possible (its weights are frozen bytes, with no
+gradients): the report says so. With ``--config``, what bitsandbytes leaves unquantized
+(embeddings, norms, biases, the output head) keeps its dtype (``--unquantized-dtype``,
+default the config's ``torch_dtype``, else bf16).
 
 ``--config`` takes a transformers config: a JSON file, a name from ``KNOWN_CONFIGS`` (shipped
 with the package in ``fused_lora/memory/configs/``, so no network is needed), or a model in the local
@@ -35,9 +46,18 @@ from dataclasses import dataclass
 
 from .parameters import format_trainable_parameters
 
+# bitsandbytes' 4-bit storage (Params4bit): blocks of 64 weights with one absmax each; with double
+# quantization (Linear4bit's default) each absmax is one byte, with one fp32 absmax per 256 of them.
+NF4_BLOCKSIZE = 64
+NF4_NESTED_BLOCKSIZE = 256
+NF4_BYTES_PER_PARAMETER = 0.5 + 1 / NF4_BLOCKSIZE + 4 / (NF4_BLOCKSIZE * NF4_NESTED_BLOCKSIZE)
+QUANTIZED_4BIT = ("nf4", "fp4")
 BYTES_PER_PARAMETER = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2,
-                       "int8": 1, "int4": 0.5}
+                       "int8": 1, "int4": 0.5, "nf4": NF4_BYTES_PER_PARAMETER, "fp4": NF4_BYTES_PER_PARAMETER}
 HALF_DTYPES = ("fp16", "float16", "bf16", "bfloat16")
+UNQUANTIZED_DTYPES = ("fp32", "fp16", "bf16")
+FULL_FINETUNING_4BIT = ("not possible: a 4-bit model's weights are frozen bitsandbytes bytes, with no gradients "
+                        "and no optimizer states; train adapters on it (QLoRA) instead")
 ADAM_BYTES_PER_PARAMETER = 8  # two fp32 moments
 ADAPTER_BYTES_PER_PARAMETER = 4  # adapters kept in fp32
 GB = 10 ** 9
@@ -77,8 +97,23 @@ def _check_dtype(dtype: str) -> str:
 
 
 def weight_bytes(num_params: int, dtype: str = "fp32") -> float:
-    """Bytes of ``num_params`` weights stored in ``dtype`` (fp32 4, fp16/bf16 2, int8 1, int4 0.5)."""
+    """Bytes of ``num_params`` weights stored in ``dtype`` (fp32 4, fp16/bf16 2, int8 1, int4 0.5;
+    nf4/fp4 bitsandbytes' 0.5 + 1/64 + 4/16384, double quantization included)."""
     return _check_count("num_params", num_params) * BYTES_PER_PARAMETER[_check_dtype(dtype)]
+
+
+def bnb_4bit_bytes(in_features: int, out_features: int, double_quant: bool = True,
+                   blocksize: int = NF4_BLOCKSIZE) -> int:
+    """Bytes of one in_features x out_features weight stored by bitsandbytes in 4 bits (a ``Params4bit``
+    and its QuantState): packed weights, the absmax per block and its code book; with double
+    quantization the absmax in one byte each, the fp32 absmax per 256 of them, their code book
+    and the offset."""
+    numel = _check_count("in_features", in_features) * _check_count("out_features", out_features)
+    blocks = -(-numel // blocksize)
+    total = (numel + 1) // 2 + 16 * 4  # packed nibbles, the 16-entry fp32 code book
+    if double_quant:
+        return total + blocks + -(-blocks // NF4_NESTED_BLOCKSIZE) * 4 + 256 * 4 + 4
+    return total + blocks * 4
 
 
 def lora_parameter_count(in_features: int, out_features: int, r: int) -> int:
@@ -104,20 +139,27 @@ class MemoryEstimate:
 
 
 def full_finetuning_memory(num_params: int, dtype: str = "fp32") -> MemoryEstimate:
-    """Every weight trained with Adam: weights + gradients in ``dtype``, fp32 moments (and master weights)."""
+    """Every weight trained with Adam: weights + gradients in ``dtype``, fp32 moments (and master weights).
+
+    A ValueError for a 4-bit ``dtype`` (nf4, fp4): a 4-bit model cannot be fully fine-tuned.
+    """
     num_params, dtype = _check_count("num_params", num_params), _check_dtype(dtype)
+    if dtype in QUANTIZED_4BIT:
+        raise ValueError(f"dtype: full fine-tuning of a {dtype} model is {FULL_FINETUNING_4BIT}")
     per = BYTES_PER_PARAMETER[dtype]
     master = 4 * num_params if dtype in HALF_DTYPES else 0
     return MemoryEstimate(num_params, num_params * per, num_params * per,
                           num_params * ADAM_BYTES_PER_PARAMETER, master)
 
 
-def lora_finetuning_memory(num_params: int, lora_params: int, dtype: str = "fp32") -> MemoryEstimate:
-    """Frozen weights in ``dtype``; fp32 adapters with fp32 gradients and Adam moments."""
+def lora_finetuning_memory(num_params: int, lora_params: int, dtype: str = "fp32",
+                           frozen_bytes: float | None = None) -> MemoryEstimate:
+    """Frozen weights in ``dtype`` (or ``frozen_bytes`` of them, counted layer by layer); fp32 adapters with
+    fp32 gradients and Adam moments."""
     num_params, dtype = _check_count("num_params", num_params), _check_dtype(dtype)
     lora_params = _check_count("lora_params", lora_params)
-    return MemoryEstimate(lora_params,
-                          num_params * BYTES_PER_PARAMETER[dtype] + lora_params * ADAPTER_BYTES_PER_PARAMETER,
+    frozen = num_params * BYTES_PER_PARAMETER[dtype] if frozen_bytes is None else frozen_bytes
+    return MemoryEstimate(lora_params, frozen + lora_params * ADAPTER_BYTES_PER_PARAMETER,
                           lora_params * ADAPTER_BYTES_PER_PARAMETER, lora_params * ADAM_BYTES_PER_PARAMETER, 0)
 
 
@@ -277,6 +319,27 @@ def count_model_parameters(model) -> int:
     return sum(param.numel() for param in model.parameters())
 
 
+def quantized_4bit_bytes(model, unquantized_dtype: str = "bf16", double_quant: bool = True) -> tuple[float, int]:
+    """(bytes, quantized weights) of ``model`` loaded in 4 bits as transformers' bitsandbytes
+    integration does: every linear layer's weight but the output layer's in bitsandbytes' 4-bit
+    storage (``bnb_4bit_bytes``), every other parameter (embeddings, norms, biases, the output
+    head) in ``unquantized_dtype``."""
+    from ..integrations.peft import _output_layer_name
+
+    per = BYTES_PER_PARAMETER[_check_dtype(unquantized_dtype)]
+    output = _output_layer_name(model)
+    quantized_ids, total, quantized = set(), 0.0, 0
+    for name, module in model.named_modules():
+        shape = _linear_shape(module) if name and name != output else None
+        if shape is None or id(module.weight) in quantized_ids:
+            continue
+        quantized_ids.add(id(module.weight))
+        total += bnb_4bit_bytes(*shape, double_quant=double_quant)
+        quantized += shape[0] * shape[1]
+    others = sum(param.numel() for param in model.parameters() if id(param) not in quantized_ids)
+    return total + others * per, quantized
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
@@ -310,20 +373,28 @@ def _parse_count(text: str) -> int:
     return int(value)
 
 
-def report(num_params: int, lora_params: int | None, dtype: str, r: int | None, what: str) -> str:
-    """The text the command prints."""
-    lines = [f"{what}: {num_params:,d} parameters, weights in {dtype}"]
-    full = full_finetuning_memory(num_params, dtype)
-    rows = [("weights", full.weights), ("gradients", full.gradients),
-            ("Adam states (fp32 m, v)", full.optimizer_states)]
-    if full.master_weights:
-        rows.append(("fp32 master weights", full.master_weights))
-    rows.append(("total (no activations)", full.total))
+def report(num_params: int, lora_params: int | None, dtype: str, r: int | None, what: str,
+           frozen_bytes: float | None = None, frozen_note: str | None = None) -> str:
+    """The text the command prints. ``frozen_bytes``: the weights' bytes when counted layer by layer
+    (4-bit storage); ``frozen_note``: what they hold, for the header line."""
+    lines = [f"{what}: {num_params:,d} parameters, weights in {frozen_note or dtype}"]
     lines.append("")
-    lines.append(f"full fine-tuning: {num_params:,d} trainable parameters")
-    lines += [f"  {name:<36}{format_bytes(value)}" for name, value in rows]
+    if dtype in QUANTIZED_4BIT:
+        weights = num_params * BYTES_PER_PARAMETER[dtype] if frozen_bytes is None else frozen_bytes
+        lines.append(f"  {'weights':<36}{format_bytes(weights)}")
+        lines.append("")
+        lines.append(f"full fine-tuning: {FULL_FINETUNING_4BIT}")
+    else:
+        full = full_finetuning_memory(num_params, dtype)
+        rows = [("weights", full.weights), ("gradients", full.gradients),
+                ("Adam states (fp32 m, v)", full.optimizer_states)]
+        if full.master_weights:
+            rows.append(("fp32 master weights", full.master_weights))
+        rows.append(("total (no activations)", full.total))
+        lines.append(f"full fine-tuning: {num_params:,d} trainable parameters")
+        lines += [f"  {name:<36}{format_bytes(value)}" for name, value in rows]
     if lora_params is not None:
-        lora = lora_finetuning_memory(num_params, lora_params, dtype)
+        lora = lora_finetuning_memory(num_params, lora_params, dtype, frozen_bytes)
         lines.append("")
         lines.append(f"LoRA r={r}: {lora_params:,d} trainable parameters against {num_params:,d} "
                      f"({percent_fewer(lora_params, num_params)}% fewer)")
@@ -345,7 +416,12 @@ def _parser() -> argparse.ArgumentParser:
                              "LoRA targets each of them")
     source.add_argument("--config", help="transformers config: JSON file, known name "
                                          f"({', '.join(KNOWN_CONFIGS)}, or their hub names) or locally cached model")
-    parser.add_argument("--dtype", default="fp32", type=str.lower, choices=sorted(BYTES_PER_PARAMETER))
+    parser.add_argument("--dtype", default="fp32", type=str.lower, choices=sorted(BYTES_PER_PARAMETER),
+                        help="the weights' dtype; nf4 / fp4: bitsandbytes' 4-bit storage (QLoRA), double "
+                             "quantization included")
+    parser.add_argument("--unquantized-dtype", type=str.lower, choices=UNQUANTIZED_DTYPES,
+                        help="with --config and --dtype nf4/fp4: the dtype of what stays unquantized (embeddings, "
+                             "norms, biases, output head); default the config's torch_dtype, else bf16")
     parser.add_argument("--r", type=int, default=None, help="LoRA rank (default 8) with --shape or --config")
     parser.add_argument("--target-modules", nargs="+", default=None,
                         help="with --config: module names (PEFT's rules) that get LoRA, default q_proj v_proj "
@@ -360,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--r: expected an int >= 1, got {args.r}")
     if args.target_modules is not None and args.config is None:
         parser.error("--target-modules: needs --config (the module names come from the model)")
+    if args.unquantized_dtype is not None and (args.config is None or args.dtype not in QUANTIZED_4BIT):
+        parser.error("--unquantized-dtype: needs --config and --dtype nf4 or fp4 (what a 4-bit model leaves "
+                     "unquantized)")
     if args.params is not None:
         if args.r is not None:
             parser.error("--r: the LoRA count needs the shapes of the targeted weights, which --params alone "
@@ -371,7 +450,10 @@ def main(argv: list[str] | None = None) -> int:
         num_params = sum(in_features * out_features for in_features, out_features in args.shape)
         lora_params = sum(lora_parameter_count(in_features, out_features, r) for in_features, out_features in args.shape)
         shapes = ", ".join(f"{in_features}x{out_features}" for in_features, out_features in args.shape)
-        print(report(num_params, lora_params, args.dtype, r, f"weights {shapes} (in x out)"))
+        frozen = None
+        if args.dtype in QUANTIZED_4BIT:
+            frozen = sum(bnb_4bit_bytes(in_features, out_features) for in_features, out_features in args.shape)
+        print(report(num_params, lora_params, args.dtype, r, f"weights {shapes} (in x out)", frozen))
         return 0
     try:
         import transformers  # noqa: F401
@@ -386,12 +468,30 @@ def main(argv: list[str] | None = None) -> int:
     if targets is None:
         names = set(linear_layer_names(model))
         targets = ["q", "v"] if {"q", "v"} <= names else ["q_proj", "v_proj"]
+    # NOTE: PEFT takes "all-linear" as a string only; on the command line it is one word.
+    lora_targets = targets[0] if len(targets) == 1 and targets[0].lower() == "all-linear" else targets
     num_params = count_model_parameters(model)
     try:
-        lora_params = count_lora_parameters(model, targets, r)
+        lora_params = count_lora_parameters(model, lora_targets, r)
     except ValueError as error:
         parser.error(str(error))
+    frozen = note = None
+    if args.dtype in QUANTIZED_4BIT:
+        unquantized = args.unquantized_dtype or _config_dtype(args.config) or "bf16"
+        frozen, quantized = quantized_4bit_bytes(model, unquantized)
+        note = (f"{args.dtype} for {quantized:,d} (the linear layers but the output head), {unquantized} for the "
+                f"other {num_params - quantized:,d}")
     print(report(num_params, lora_params, args.dtype, r,
-                 f"{args.config} ({type(model).__name__}), LoRA on {' '.join(targets)}"))
+                 f"{args.config} ({type(model).__name__}), LoRA on {' '.join(targets)}", frozen, note))
     return 0
+
+
+def _config_dtype(config) -> str | None:
+    """fp32 / fp16 / bf16 from a config's ``torch_dtype`` (or ``dtype``), or None."""
+    try:
+        values = _config_values(config)
+    except (ValueError, TypeError, OSError):
+        return None
+    value = (values or {}).get("torch_dtype") or (values or {}).get("dtype")
+    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(str(value).replace("torch.", ""))
 

@@ -12,7 +12,7 @@ for by name that cannot run the call is an error, never a silent fallback.
 On CPU, "never slower than the torch backend" is kept inside the cpu backend: per
 call it runs its fused C++ loops or an ATen path (the torch backend's GEMMs with
 the C++ Philox mask), by a rule measured on both ISA paths over a grid of shapes
-(``fused_lora.ops.cpu_ops.fused_path``; ``python -m bench.cpu_dispatch``; README).
+(``fused_lora.ops.cpu_ops.fused_path``; ``python -m bench.cpu_dispatch``; docs/design.md, docs/benchmarks.md).
 The choice needs the call's shapes, which ``backend_name_for`` does not see, and it
 stays a function of the shapes, dropout and ISA level, never of the machine's load.
 """
@@ -28,17 +28,17 @@ from types import ModuleType
 
 import torch
 
+from ..env import env_choice, env_flag
+
 BACKEND_NAMES = ("triton", "cpu", "torch")
 ENV_VAR = "FUSED_LORA_BACKEND"
 _warned_cpu_fallback = False
 
 # How the triton backend's backward gets the dropout mask: "bits" = the shrink saves it
 # packed, 1 bit per element (T * ceil(K / 8) bytes); "seed" = regenerated from the seed.
+# Read once, here (FUSED_LORA_DROPOUT_MASK; unset or empty: "bits").
 TRITON_MASK_MODES = ("bits", "seed")
-TRITON_MASK_MODE = os.environ.get("FUSED_LORA_DROPOUT_MASK", "bits")
-if TRITON_MASK_MODE not in TRITON_MASK_MODES:
-    raise ValueError(f"environment variable FUSED_LORA_DROPOUT_MASK: expected one of {TRITON_MASK_MODES}, "
-                     f"got {TRITON_MASK_MODE!r}")
+TRITON_MASK_MODE = env_choice("FUSED_LORA_DROPOUT_MASK", TRITON_MASK_MODES, "bits")
 
 
 def saves_keep_bits(backend: str, dropout_p: float, dtype) -> bool:
@@ -51,7 +51,8 @@ def saves_keep_bits(backend: str, dropout_p: float, dtype) -> bool:
 
 
 def triton_interpret_mode() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """TRITON_INTERPRET, a switch (``fused_lora.env``): Triton's interpreter runs the kernels on CPU tensors."""
+    return env_flag("TRITON_INTERPRET", False) is True
 
 
 @functools.lru_cache(maxsize=None)

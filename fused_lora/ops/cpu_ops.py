@@ -28,11 +28,10 @@ value raises here.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .. import _C  # type: ignore[attr-defined]
+from ..env import env_choice
 from ..philox import dropout_threshold
 
 _ENV_ERROR = _C.isa_env_error()
@@ -43,14 +42,12 @@ ISA = _C.isa()
 """The ISA level of the C++ loops in this process: "avx512", "avx2" or "baseline"."""
 
 PATHS = ("auto", "fused", "aten")
-PATH = os.environ.get("FUSED_LORA_CPU_PATH") or "auto"
-if PATH not in PATHS:
-    raise ValueError(f"environment variable FUSED_LORA_CPU_PATH: expected one of {PATHS}, got {PATH!r}")
+PATH = env_choice("FUSED_LORA_CPU_PATH", PATHS, "auto")
 
 # NOTE: the rule of fused_path, from python -m bench.cpu_dispatch (fwd+bwd of both paths and of
 # the torch backend, interleaved, 1 thread, T in {1, 16, 128, 4096}, K = N in {64, 256, 2048},
 # r in {4, 16, 32, 64, 128, 256}, p in {0, 0.1}) on an Intel Xeon, on its avx512 path and on the
-# forced avx2 path (MKL and ATen at AVX2 too); bench/results/cpu-dispatch-*.csv, README:
+# forced avx2 path (MKL and ATen at AVX2 too); bench/results/cpu-dispatch-*.csv, docs/benchmarks.md:
 # * tiny jobs (r (K + N) < 2**15 adapter elements and T r (K + N) <= 2**21): the fused path's
 #   fewer ops win at any rank (up to 1.4x);
 # * fewer rows than the rank on larger adapters: packing r (K + N) elements per call costs more
@@ -106,6 +103,77 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def keep_mask(seed: int, rows: int, cols: int, dropout_p: float, device) -> torch.Tensor:
     mask = _C.keep_mask(seed, rows, cols, _threshold(dropout_p))
     return mask.to(device)
+
+
+def dequantize_4bit(weight, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (N, K) = the dense weight of a 4-bit ``Weight4bit`` (csrc/dequantize_4bit.cpp; bit-exact
+    against the torch backend's and bitsandbytes' ``dequantize_4bit``)."""
+    offset = weight.offset
+    if weight.nested:
+        offset = float(offset) if not isinstance(offset, torch.Tensor) else offset.item()
+        return _C.dequantize_4bit(weight.packed, weight.absmax, weight.code, weight.nested_absmax,
+                                  weight.nested_code, offset, weight.blocksize, weight.nested_blocksize, out)
+    return _C.dequantize_4bit(weight.packed, weight.absmax, weight.code, None, None, 0.0, weight.blocksize, 0, out)
+
+
+# NOTE: a 4-bit base with few rows runs its base GEMMs dequantizing W tile by tile in cache (_C.gemm_4bit)
+# instead of into a whole dense buffer first: at small T the GEMM reads W once, so the buffer (a write and a
+# read of N K fp32) costs as much again. Measured (2048x2048 NF4, fp32, r=16, p=0.1, fwd+bwd, 1 thread so that
+# no other process's load enters, Intel Xeon, avx512), as a ratio to a frozen dense nn.Linear, tiled / buffer:
+# T=1 1.55 / 2.25, T=16 1.09 / 1.48, T=64 1.01 / 1.09, T=96 1.19 / 1.20, T=128 1.21 / 1.17, T=256 1.84 / 1.18
+# (the tiles are register-blocked, not a cache-blocked GEMM: MKL's wins from about 100 rows).
+MAX_ROWS_4BIT_TILED = 64
+
+
+def _tiled_4bit(x2d, weight) -> bool:
+    """Whether the base GEMMs of this call run dequantizing tile by tile (_C.gemm_4bit)."""
+    blocksize = weight.blocksize
+    return (x2d.dtype == torch.float32 and x2d.shape[0] <= MAX_ROWS_4BIT_TILED and blocksize % 16 == 0
+            and weight.shape[1] % blocksize == 0 and weight.packed.device.type == "cpu")
+
+
+def _gemm_4bit(a, weight, out, transposed):
+    nested = weight.nested
+    offset = weight.offset if nested else 0.0
+    if isinstance(offset, torch.Tensor):
+        offset = offset.item()
+    return _C.gemm_4bit(a, weight.packed, weight.absmax, weight.code, weight.nested_absmax if nested else None,
+                        weight.nested_code if nested else None, float(offset), weight.blocksize,
+                        weight.nested_blocksize, weight.shape[0], weight.shape[1], transposed, out)
+
+
+def lora_forward_4bit_tiled(x2d, weight, bias, lora_B, xa, scaling):
+    """``lora_forward`` on a 4-bit ``Weight4bit`` with few fp32 rows, tiled (``_C.gemm_4bit``); None where the
+    caller dequantizes into a buffer and runs ``lora_forward`` instead."""
+    if not _tiled_4bit(x2d, weight):
+        return None
+    lora_B_t = _as(lora_B, xa.dtype).t()
+    if bias is None:
+        y = torch.mm(xa, lora_B_t).mul_(scaling)
+    else:
+        y = torch.addmm(bias, xa, lora_B_t, alpha=scaling)
+    return _gemm_4bit(x2d if x2d.stride(1) == 1 else x2d.contiguous(), weight, y, True)
+
+
+def lora_backward_4bit_tiled(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_p, keep_bits,
+                       needs_dx, needs_dA, needs_dB):
+    """``lora_backward`` on a 4-bit ``Weight4bit`` with few fp32 rows, dx tiled (``_C.gemm_4bit``); None where
+    the caller dequantizes into a buffer and runs ``lora_backward`` instead."""
+    if not needs_dx or not _tiled_4bit(dy, weight):
+        return None
+    out_features, in_features = weight.shape
+    stand_in = dy.new_empty((1, 1)).expand(out_features, in_features)  # not read without dx
+    _, dA, dB = lora_backward(dy, x2d, stand_in, lora_A, lora_B, xa, scaling, seed, dropout_p, keep_bits,
+                              False, needs_dA, needs_dB)
+    # dx = s D(dxa A) + dy W, as the aten path: the LoRA term first, the base GEMM accumulated onto it.
+    dxa = torch.mm(dy, _as(lora_B, dy.dtype))
+    lora = torch.mm(dxa, _as(lora_A, dy.dtype))
+    if dropout_p > 0.0:
+        lora = _C.dropout(lora, seed, _threshold(dropout_p), dropout_p, scaling / (1.0 - dropout_p))
+    else:
+        lora.mul_(scaling)
+    dx = _gemm_4bit(dy if dy.stride(1) == 1 else dy.contiguous(), weight, lora, False)
+    return dx, dA, dB
 
 
 def random_uint16(seed: int, start: int, count: int) -> torch.Tensor:

@@ -19,6 +19,11 @@ Differences from the backend interface, to fit custom-op schemas:
   saves none, and ``lora_backward`` always returns three tensors, an empty (0,) one
   for each that was not asked for.
 
+A 4-bit base (``fused_lora.quantized.Weight4bit``) enters ``lora_forward_4bit`` and
+``lora_backward_4bit`` as its tensors and constants (``Weight4bit.tensors()`` and ``.meta()``),
+never as a Python object; each op dequantizes into the package's buffer inside itself, so no
+dense weight is a graph value that the compiler could save between forward and backward.
+
 The ops run with autocast disabled: the caller (``fused_lora_linear``) casts the inputs
 to the autocast dtype first, as ``F.linear`` does, and the kernels then keep their own
 precision (fp32 accumulation, adapters in their own dtype).
@@ -31,14 +36,22 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..checks import check_seed_value
 from .backends import backend_ops, saves_keep_bits
 from .torch_ops import accumulation_dtype
+from .. import quantized
+from ..quantized import Weight4bit
 
 LIBRARY = "fused_lora"
 
 
 def _seed_arg(seed: Tensor, backend: str):
-    return seed if backend == "triton" else int(seed.item())
+    """The seed as ``backend`` takes it; a CPU seed's value is checked here, as eager calls check it
+    before the Function (tracing saw no value). The triton backend reads a CUDA seed on the device."""
+    if seed.device.type != "cpu":
+        return seed
+    value = check_seed_value(int(seed.item()))
+    return seed if backend == "triton" else value
 
 
 def _no_autocast(device: torch.device):
@@ -96,6 +109,61 @@ def _lora_backward_fake(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, drop
                         needs_dx, needs_dA, needs_dB, backend):
     T, K = dy.shape[0], weight.shape[1]
     dx = dy.new_empty((T, K) if needs_dx else (0,))
+    dA = lora_A.new_empty(tuple(lora_A.shape) if needs_dA else (0,))
+    dB = lora_B.new_empty(tuple(lora_B.shape) if needs_dB else (0,))
+    return dx, dA, dB
+
+
+def _weight_4bit(packed, absmax, code, nested_absmax, nested_code, offset, out_features, in_features, blocksize,
+                 nested_blocksize, quant_type, quant_dtype) -> Weight4bit:
+    return Weight4bit.from_parts((packed, absmax, code, nested_absmax, nested_code, offset),
+                                 (out_features, in_features, blocksize, nested_blocksize, quant_type, quant_dtype))
+
+
+@torch.library.custom_op(f"{LIBRARY}::lora_forward_4bit", mutates_args=())
+def lora_forward_4bit(x2d: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nested_absmax: Optional[Tensor],
+                      nested_code: Optional[Tensor], offset: Optional[Tensor], out_features: int, in_features: int,
+                      blocksize: int, nested_blocksize: int, quant_type: str, quant_dtype: torch.dtype,
+                      bias: Optional[Tensor], lora_B: Tensor, xa: Tensor, scaling: float, backend: str) -> Tensor:
+    """``lora_forward`` with the weight given as a 4-bit weight's parts (dequantized inside)."""
+    w4 = _weight_4bit(packed, absmax, code, nested_absmax, nested_code, offset, out_features, in_features, blocksize,
+                      nested_blocksize, quant_type, quant_dtype)
+    with _no_autocast(x2d.device):
+        return quantized.lora_forward_4bit(backend, x2d, w4, bias, lora_B, xa, scaling)
+
+
+@lora_forward_4bit.register_fake
+def _lora_forward_4bit_fake(x2d, packed, absmax, code, nested_absmax, nested_code, offset, out_features, in_features,
+                            blocksize, nested_blocksize, quant_type, quant_dtype, bias, lora_B, xa, scaling, backend):
+    return x2d.new_empty((x2d.shape[0], out_features))
+
+
+@torch.library.custom_op(f"{LIBRARY}::lora_backward_4bit", mutates_args=())
+def lora_backward_4bit(dy: Tensor, x2d: Optional[Tensor], packed: Tensor, absmax: Tensor, code: Tensor,
+                       nested_absmax: Optional[Tensor], nested_code: Optional[Tensor], offset: Optional[Tensor],
+                       out_features: int, in_features: int, blocksize: int, nested_blocksize: int, quant_type: str,
+                       quant_dtype: torch.dtype, lora_A: Tensor, lora_B: Tensor, xa: Tensor, scaling: float,
+                       seed: Tensor, dropout_p: float, keep_bits: Tensor, needs_dx: bool, needs_dA: bool,
+                       needs_dB: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``lora_backward`` with the weight given as a 4-bit weight's parts (dequantized inside, for dx only)."""
+    w4 = _weight_4bit(packed, absmax, code, nested_absmax, nested_code, offset, out_features, in_features, blocksize,
+                      nested_blocksize, quant_type, quant_dtype)
+    bits = keep_bits if keep_bits.numel() else None
+    with _no_autocast(dy.device):
+        dx, dA, dB = quantized.lora_backward_4bit(backend, dy, x2d, w4, lora_A, lora_B, xa, scaling,
+                                                  _seed_arg(seed, backend), dropout_p, bits, needs_dx, needs_dA,
+                                                  needs_dB)
+    return (dx if dx is not None else dy.new_empty((0,)),
+            dA if dA is not None else lora_A.new_empty((0,)),
+            dB if dB is not None else lora_B.new_empty((0,)))
+
+
+@lora_backward_4bit.register_fake
+def _lora_backward_4bit_fake(dy, x2d, packed, absmax, code, nested_absmax, nested_code, offset, out_features,
+                             in_features, blocksize, nested_blocksize, quant_type, quant_dtype, lora_A, lora_B, xa,
+                             scaling, seed, dropout_p, keep_bits, needs_dx, needs_dA, needs_dB, backend):
+    T = dy.shape[0]
+    dx = dy.new_empty((T, in_features) if needs_dx else (0,))
     dA = lora_A.new_empty(tuple(lora_A.shape) if needs_dA else (0,))
     dB = lora_B.new_empty(tuple(lora_B.shape) if needs_dB else (0,))
     return dx, dA, dB

@@ -17,6 +17,9 @@ Operation interface shared by all backends (2-D tensors, checked by the caller):
   keep_bits, needs_dx, needs_dA, needs_dB) -> (dx, dA, dB)``, None for what is not
   needed; ``x2d`` may be None when ``needs_dA`` is False.
 * ``keep_mask(seed, rows, cols, dropout_p, device) -> bool (rows, cols)``.
+* ``dequantize_4bit(weight, out) -> out``: the dense (N, K) weight of a 4-bit ``Weight4bit``
+  (``fused_lora.quantized``) written into ``out`` (contiguous, fp16/bf16/fp32, on the packed
+  weight's device): ``code[nibble] * absmax`` in fp32, rounded once to ``out``'s dtype.
 
 ``seed`` is an int or a 0-d int64 tensor (the triton backend reads it on the device;
 the others read it on the host).
@@ -35,6 +38,49 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def keep_mask(seed: int, rows: int, cols: int, dropout_p: float, device) -> torch.Tensor:
     return keep_mask_torch(seed, rows, cols, dropout_p, device)
+
+
+# NOTE: the dequantization runs over chunks of whole absmax blocks, so its temporaries (an index
+# and two fp32 values per element) stay bounded whatever the weight's size.
+DEQUANTIZE_CHUNK = 1 << 22
+
+
+def block_absmax(weight, first: int, count: int) -> torch.Tensor:
+    """fp32 absmax of blocks first .. first + count - 1 of a ``Weight4bit``, as bitsandbytes computes it:
+    with double quantization ``nested_code[q] * nested_absmax[b // nested_blocksize]`` rounded to
+    fp32, then ``+ offset`` (two roundings, never a fused multiply-add)."""
+    absmax = weight.absmax[first:first + count]
+    if not weight.nested:
+        return absmax
+    groups = torch.arange(first, first + count, device=absmax.device) // weight.nested_blocksize
+    scaled = weight.nested_code[absmax.long()] * weight.nested_absmax[groups]
+    offset = weight.offset
+    if isinstance(offset, torch.Tensor):
+        offset = offset.to(scaled.device)
+    return scaled + offset
+
+
+def dequantize_4bit(weight, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (N, K) = the dense weight of ``weight`` (a ``fused_lora.quantized.Weight4bit``), in out's dtype."""
+    numel = weight.numel
+    blocksize = weight.blocksize
+    flat = out.view(-1)
+    packed = weight.packed
+    code = weight.code.to(out.device)
+    chunk = max(blocksize, DEQUANTIZE_CHUNK // blocksize * blocksize)
+    for start in range(0, numel, chunk):
+        stop = min(numel, start + chunk)  # start is even (chunk and blocksize are)
+        data = packed[start // 2:(stop + 1) // 2]
+        nibbles = torch.stack((data >> 4, data & 15), dim=1).view(-1)[:stop - start]
+        values = code[nibbles.long()]
+        first, blocks = start // blocksize, -(-(stop - start) // blocksize)
+        scale = block_absmax(weight, first, blocks)
+        full = (stop - start) // blocksize * blocksize
+        if full:
+            flat[start:start + full].view(-1, blocksize).copy_(values[:full].view(-1, blocksize) * scale[:full // blocksize, None])
+        if full < stop - start:
+            flat[start + full:stop].copy_(values[full:] * scale[-1])
+    return out
 
 
 def _dropped(t: torch.Tensor, seed: int, dropout_p: float, mask: torch.Tensor | None = None) -> torch.Tensor:

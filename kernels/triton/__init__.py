@@ -6,5 +6,9 @@
 * ``lora_bwd``: the dy pass (dxa, dB partials), dx = dy W0 + s D(dxa A), dA partials and
   the fixed-order partial sums (steps 3-5);
 * ``dropout_mask``: the Philox keep mask and the packed keep bits;
+* ``dequant_4bit``: a bitsandbytes 4-bit weight (NF4 / FP4, double-quantized or not) into a
+  dense buffer, bit for bit as bitsandbytes' CUDA kernel;
+* ``lora_fwd_4bit``: step 2 on a 4-bit base with W dequantized tile by tile inside the GEMM
+  (optional, short inputs; not a default);
 * ``common``: tile ordering, scalars, accumulators and the GEMM configs.
 """

@@ -5,15 +5,17 @@ Which config a call uses is decided by the launcher (``fused_lora/ops/triton_ops
 a heuristic default, or the fastest of a few candidates timed once per shape.
 """
 
-import os
 from dataclasses import dataclass
 
 import triton
 import triton.language as tl
 
+from ..env import env_flag
+
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """TRITON_INTERPRET, a switch parsed as everywhere in the package (``fused_lora.env``)."""
+    return env_flag("TRITON_INTERPRET", False) is True
 
 
 @dataclass(frozen=True)

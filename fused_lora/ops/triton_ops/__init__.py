@@ -15,16 +15,19 @@ dictionary lookup, the output allocations and one launch per kernel
 The two GEMMs (forward y, backward dx) have several strategies: the persistent
 TMA kernels (sm_90+, 16-bit, aligned rows), the pointer kernels (any GPU, any
 strides, the interpreter) and the cuBLAS hybrid (a Triton kernel writes the
-low-rank term, then ``addmm_`` adds the base GEMM into it). On a GPU the
-strategy and tile shape are timed once per shape class (``FUSED_LORA_AUTOTUNE=0``
-skips the timing and takes the heuristic default).
+low-rank term, then ``addmm_`` adds the base GEMM into it). Each shape class (T
+rounded up to a power of two) takes the strategy and tile shape that the tuning file
+names (``python -m bench.tune`` writes it; ``tuning_file.py``), else the heuristic
+default; no training process times candidates, so every process and rank runs the
+same kernels (``FUSED_LORA_AUTOTUNE=0``: the file is not read, heuristic defaults).
 
 The dropout mask reaches backward as packed keep bits written by the shrink
 (``backends.TRITON_MASK_MODE = "bits"``: T * ceil(K/8) extra bytes saved) or is
 regenerated from the seed (``"seed"``); ``FUSED_LORA_DROPOUT_MASK`` chooses.
 
 Layout: ``launch`` (the cheap launcher and device facts), ``tuning`` (configs and the
-strategy choice), ``plans`` (per-signature plans); this module holds the operations.
+strategy choice), ``tuning_file`` (the choices written ahead of time), ``plans``
+(per-signature plans); this module holds the operations.
 """
 
 from __future__ import annotations
@@ -35,10 +38,13 @@ import triton
 from ...kernels.dropout_mask import _dropout_mask_kernel, _unpack_keep_bits_kernel
 from ...philox import dropout_threshold
 from ..backends import saves_keep_bits
+from .dequant import dequantize_4bit  # noqa: F401
+from .forward_4bit import lora_forward_4bit  # noqa: F401  (optional, not a default: see its module)
 from .launch import _aligned, _grid_device, _Launch, _seed_tensor, accumulation_dtype, autotuning, force_tma  # noqa: F401
 from .plans import (PLAN_CACHE_SIZE, _BACKWARD_PLANS, _FORWARD_PLANS, _SHRINK_PLANS, _BackwardPlan,  # noqa: F401
                     _ForwardPlan, _ShrinkPlan, clear_plans, plan_count)
-from .tuning import CONFIG_OVERRIDES, TMA_MAX_RANK_BLOCK, TUNED_POINTER, TUNED_TMA, tuned_choices  # noqa: F401
+from .tuning import (CONFIG_OVERRIDES, TMA_MAX_RANK_BLOCK, TUNED_POINTER, TUNED_TMA, timing_runs,  # noqa: F401
+                     tuned_choices, tuning_report)
 
 
 def keep_mask(seed, rows: int, cols: int, dropout_p: float, device) -> torch.Tensor:

@@ -9,12 +9,12 @@ Triton's own ``JITFunction.run`` does after its cache lookup. The scalar helpers
 from __future__ import annotations
 
 import functools
-import os
 import struct
 
 import torch
 import triton
 
+from ...env import env_flag
 from ...kernels.common import interpreting
 from ...philox import dropout_threshold
 
@@ -32,18 +32,20 @@ _FP32_MAX = 3.4028234663852886e38
 
 
 def autotuning() -> bool:
-    """FUSED_LORA_AUTOTUNE=0: no timing runs; each GEMM takes its heuristic default."""
-    return os.environ.get("FUSED_LORA_AUTOTUNE", "1") not in ("0", "compile")
+    """FUSED_LORA_AUTOTUNE: a switch (on by default; ``fused_lora.env``), or ``compile``.
+    Off (0/false/no/off): no timing runs; each GEMM takes its heuristic default."""
+    return env_flag("FUSED_LORA_AUTOTUNE", True, extra=("compile",)) is True
 
 
 def compile_only() -> bool:
     """FUSED_LORA_AUTOTUNE=compile: run every candidate once (fills Triton's cache), time none."""
-    return os.environ.get("FUSED_LORA_AUTOTUNE", "1") == "compile"
+    return env_flag("FUSED_LORA_AUTOTUNE", True, extra=("compile",)) == "compile"
 
 
 def force_tma() -> bool:
-    """FUSED_LORA_FORCE_TMA=1: the TMA kernels under the interpreter (how the tests reach them on CPU)."""
-    return os.environ.get("FUSED_LORA_FORCE_TMA", "0") == "1"
+    """FUSED_LORA_FORCE_TMA (a switch, off by default): the TMA kernels under the interpreter
+    (how the tests reach them on CPU)."""
+    return env_flag("FUSED_LORA_FORCE_TMA", False) is True
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -62,6 +62,7 @@ def clear_plans() -> None:
     for cache in (_SHRINK_PLANS, _FORWARD_PLANS, _BACKWARD_PLANS):
         cache.clear()
     tuning._TUNED.clear()
+    tuning._REPORT.clear()
 
 
 def plan_count() -> int:
@@ -130,12 +131,14 @@ def _descriptor_factory(tensor, shape, strides, block_shape):
     """A function tensor -> TensorDescriptor with this geometry (validated once, here).
 
     NOTE: TensorDescriptor's constructor re-validates every field (a few microseconds);
-    a plan builds one template and only swaps the base tensor per call.
+    a plan builds one template and only swaps the base tensor per call. The template's
+    base is dropped: a plan outlives its call, and must not keep that call's tensors alive.
     """
     template = TensorDescriptor(tensor, list(shape), list(strides), list(block_shape))
     if not hasattr(template, "__dict__"):
         return lambda t: TensorDescriptor(t, list(shape), list(strides), list(block_shape))
     fields = dict(template.__dict__)
+    del fields["base"]
     cls = type(template)
 
     def make(t):
@@ -307,13 +310,14 @@ class _BackwardPlan:
                       tuning._shape_class(T))
             dx_args = dict(threshold=threshold, dscale=(dscale_hi, dscale_lo), scaling=(scaling_hi, scaling_lo),
                            has_dropout=has_dropout, from_bits=from_bits, precision=precision, block_r=block_r)
+            acc_dtype = self.acc_dtype
             # NOTE: the unused seed pointer is dy, as in __call__, so the trial run compiles what calls use.
-            seed_dummy = torch.zeros((), dtype=torch.int64, device=device) if has_dropout and not from_bits else dy
-            bits_dummy = torch.ones((T, triton.cdiv(K, 8)), dtype=torch.uint8, device=device) if from_bits else None
-            dxa_dummy = torch.zeros((T, R), dtype=self.acc_dtype, device=device)
+            seed_is_read = has_dropout and not from_bits
 
-            def run_args():
-                return (dy, weight, dxa_dummy, lora_A, seed_dummy, bits_dummy,
+            def run_args():  # called only where a candidate must run (tuning._choose)
+                bits = torch.ones((T, triton.cdiv(K, 8)), dtype=torch.uint8, device=device) if from_bits else None
+                seed = torch.zeros((), dtype=torch.int64, device=device) if seed_is_read else dy
+                return (dy, weight, torch.zeros((T, R), dtype=acc_dtype, device=device), lora_A, seed, bits,
                         torch.empty((T, K), dtype=dtype, device=device))
 
             self.dx_args = dx_args

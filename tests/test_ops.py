@@ -113,10 +113,10 @@ def _run_all(ops, x, weight, bias, lora_A, lora_B, dy, seed, p, scaling):
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("T,K,N,r", [(70, 40, 48, 3), (33, 64, 96, 16)])
+@pytest.mark.parametrize("T,K,N,r", [(70, 40, 48, 3), (33, 64, 96, 16), (40, 48, 56, 64)])
 def test_triton_tma_kernels(triton_ops, monkeypatch, T, K, N, r, p):
     # On CPU the interpreter runs the persistent TMA kernels when asked to; on a GPU
-    # with sm_90 they are the default for fp16/bf16.
+    # with sm_90 they are the default for fp16/bf16, up to r = 64 (TMA_MAX_RANK_BLOCK).
     device = _triton_device()
     if device.type == "cpu":
         monkeypatch.setenv("FUSED_LORA_FORCE_TMA", "1")
@@ -207,6 +207,152 @@ def test_triton_out_of_range_scaling_is_refused_not_garbled(triton_ops):
     xa, _ = triton_ops.lora_shrink(x, lora_A, 1, 0.0)
     with pytest.raises(ValueError, match="scaling"):
         triton_ops.lora_forward(x, weight, bias, lora_B, xa, 1e39)
+
+
+def _max_error(got, want):
+    """max |got - want| relative to max |want| (want in fp64)."""
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
+@pytest.mark.parametrize("p,tma", [(0.0, False), (0.1, False), (0.1, True)])
+def test_triton_fp32_adapters_on_fp16_input_keep_the_lora_branch_in_fp32(triton_ops, monkeypatch, p, tma):
+    # PEFT's default: fp32 adapters on a 16-bit model, the LoRA branch computed in fp32.
+    # Each result's error against fp64 must be within 2x the torch backend's (which
+    # computes the branch in fp32): rounding A, B, xa or dxa to fp16 for a dot makes
+    # dA and dB hundreds of times worse.
+    device = _triton_device()
+    if tma and device.type == "cpu":
+        monkeypatch.setenv("FUSED_LORA_FORCE_TMA", "1")
+    elif tma and torch.cuda.get_device_capability(device)[0] < 9:
+        pytest.skip("TMA needs sm_90")
+    T, K, N, r = 256, 512, 384, 16
+    x, weight, bias, lora_A, lora_B = make_inputs(T, K, N, r, torch.float16, device, adapter_dtype=torch.float32)
+    dy = torch.randn(T, N, generator=torch.Generator().manual_seed(5)).half().to(device)
+    want = _expected(x, weight, bias, lora_A, lora_B, dy, 91, p, 0.5)
+    got, _ = _run_all(triton_ops, x, weight, bias, lora_A, lora_B, dy, 91, p, 0.5)
+    if tma:
+        plans = list(triton_ops._FORWARD_PLANS.plans.values()) + list(triton_ops._BACKWARD_PLANS.plans.values())
+        assert all((getattr(plan, "label", None) or plan.dx_label).startswith("tma:") for plan in plans)
+    torch_ops = backend_ops("torch")
+    eager, _ = _run_all(torch_ops, x.cpu(), weight.cpu(), bias.cpu(), lora_A.cpu(), lora_B.cpu(), dy.cpu(), 91, p, 0.5)
+    for name in ("xa", "y", "dx", "dA", "dB"):
+        assert got[name].dtype == eager[name].dtype, name
+        error, eager_error = _max_error(got[name].cpu(), want[name].cpu()), _max_error(eager[name], want[name].cpu())
+        assert error <= 2 * eager_error, (f"{name}: error {error:.3g} against fp64, the torch backend's "
+                                          f"{eager_error:.3g}")
+
+
+def _jit_specialisation(fn, args, constexprs, options):
+    """The specialisation Triton's JIT compiles ``fn`` for with these arguments (its own
+    argument binder; under the interpreter, that of a JITFunction made from the same source)."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    jit = fn if isinstance(fn, JITFunction) else JITFunction(fn.fn, **fn.kwargs)
+    binder = create_function_from_signature(jit.signature, jit.params, BaseBackend)
+    _, specialisation, _ = binder(*args, **constexprs, **options)
+    return str(specialisation)
+
+
+def test_triton_persistent_kernels_compile_once_for_every_T(triton_ops, monkeypatch):
+    # Each new T changes the tile count, so the number of persistent programs; it must not
+    # change what Triton compiles (a constexpr program count recompiled each time, seconds on
+    # a fresh GPU machine). T avoids 1 and multiples of 16, which Triton specialises on.
+    from fused_lora.ops.triton_ops import plans
+
+    device = _triton_device()
+    if device.type == "cpu":
+        monkeypatch.setenv("FUSED_LORA_FORCE_TMA", "1")
+    elif torch.cuda.get_device_capability(device)[0] < 9:
+        pytest.skip("TMA needs sm_90")
+    launches = []
+    original = plans._Launch.__call__
+
+    def record(self, *args):
+        launches.append((self.fn, args, self.constexprs, self.options, self.grid))
+        return original(self, *args)
+
+    monkeypatch.setattr(plans._Launch, "__call__", record)
+    K, N, r = 48, 40, 4
+    x, weight, bias, lora_A, lora_B = make_inputs(200, K, N, r, torch.float16, device, adapter_dtype=torch.float32)
+    for T in (5, 40, 100, 200):
+        dy = torch.randn(T, N, device=device).half()
+        got, _ = _run_all(triton_ops, x[:T].contiguous(), weight, bias, lora_A, lora_B, dy, 7, 0.1, 0.5)
+        want = _expected(x[:T], weight, bias, lora_A, lora_B, dy, 7, 0.1, 0.5)
+        n = lora_reductions(T, K, N, r)
+        for name in ("y", "dx"):
+            assert_close_scaled(name, got[name].double(), want[name], n[name], dtype=torch.float16)
+    persistent = {"_lora_fwd_tma_kernel", "_lora_bwd_dx_tma_kernel"}
+    specialisations, grids = {}, {}
+    for fn, args, constexprs, options, grid in launches:
+        if fn.__name__ in persistent:
+            specialisations.setdefault(fn.__name__, set()).add(_jit_specialisation(fn, args, constexprs, options))
+            grids.setdefault(fn.__name__, set()).add(grid)
+    assert set(specialisations) == persistent, "the TMA kernels did not run"
+    for name in persistent:
+        assert len(grids[name]) > 1, f"{name}: every T launched the same number of programs; the test shows nothing"
+        assert len(specialisations[name]) == 1, f"{name}: compiled {len(specialisations[name])} times for 4 T"
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_triton_shrink_split_over_K_matches_one_pass(triton_ops, monkeypatch, p):
+    # A large x splits K across programs (partial sums, added in order) instead of shrinking
+    # the row blocks; every split writes its columns' keep bits.
+    from fused_lora.ops import backends as backends_module
+
+    device = _triton_device()
+    T, K, r = 37, 200, 5
+    x, _, _, lora_A, _ = make_inputs(T, K, 8, r, torch.float32, device)
+    monkeypatch.setattr(backends_module, "TRITON_MASK_MODE", "bits")
+    monkeypatch.setattr(triton_ops.tuning, "SHRINK_SPLIT_BYTES", 0)
+    if device.type == "cuda":
+        monkeypatch.setitem(triton_ops.CONFIG_OVERRIDES, "shrink", (16, 32, 4, 2))
+    xa, bits = triton_ops.lora_shrink(x, lora_A, 9, p)
+    plan = next(iter(triton_ops._SHRINK_PLANS.plans.values()))
+    assert plan.splits > 1, "the shrink did not split K"
+    assert_close_scaled("xa", xa.double(), _dropped(x.double(), 9, p) @ lora_A.double().T, lora_reductions(T, K, 8, r)["xa"],
+                        dtype=torch.float32)
+    if p > 0:
+        assert torch.equal(triton_ops.unpack_keep_bits(bits, K).cpu(), fused_lora.dropout_mask(9, T, K, p))
+
+
+@pytest.mark.parametrize("index,flatten", [(3, False), (5, False), (1, True)])
+def test_triton_warp_specialised_tma_configs_do_not_flatten_on_sm90(triton_ops, monkeypatch, index, flatten):
+    # Triton's persistent-matmul tutorial turns the loop flattening off for warp
+    # specialisation on Hopper; the launcher derives FLATTEN from the config and the GPU.
+    from fused_lora.kernels.common import TMA_GEMM_CONFIGS, GemmConfig
+    from fused_lora.ops.triton_ops import plans
+
+    device = _triton_device()
+    if device.type == "cpu":
+        monkeypatch.setenv("FUSED_LORA_FORCE_TMA", "1")
+    elif torch.cuda.get_device_capability(device)[0] != 9:
+        pytest.skip("the rule is for sm_90")
+    config = TMA_GEMM_CONFIGS[index]
+    if device.type == "cpu":  # the interpreter's tile shape, the config's loop flags
+        config = GemmConfig(32, 32, 32, GROUP_M=4, num_stages=1, num_warps=4, EPILOGUE_SUBTILE=config.EPILOGUE_SUBTILE,
+                            WARP_SPECIALIZE=config.WARP_SPECIALIZE, FLATTEN=config.FLATTEN)
+    monkeypatch.setattr(triton_ops.tuning, "_gemm_candidates",
+                        lambda *args, **kwargs: [("tma:" + config.label(), "tma", config)])
+    launches = []
+    original = plans._Launch.__call__
+
+    def record(self, *args):
+        launches.append((self.fn.__name__, self.constexprs))
+        return original(self, *args)
+
+    monkeypatch.setattr(plans._Launch, "__call__", record)
+    T, K, N, r = 40, 48, 32, 4
+    x, weight, bias, lora_A, lora_B = make_inputs(T, K, N, r, torch.float16, device)
+    dy = torch.randn(T, N, device=device).half()
+    got, _ = _run_all(triton_ops, x, weight, bias, lora_A, lora_B, dy, 3, 0.2, 0.5)
+    tma = {name: c for name, c in launches if name in ("_lora_fwd_tma_kernel", "_lora_bwd_dx_tma_kernel")}
+    assert len(tma) == 2 and all(c["FLATTEN"] is flatten and c["WARP_SPECIALIZE"] is config.WARP_SPECIALIZE
+                                 for c in tma.values()), tma
+    want = _expected(x, weight, bias, lora_A, lora_B, dy, 3, 0.2, 0.5)
+    n = lora_reductions(T, K, N, r)
+    for name in ("y", "dx"):
+        assert_close_scaled(name, got[name].double(), want[name], n[name], dtype=torch.float16)
 
 
 @pytest.mark.parametrize("path", ["tma", "pointer", "hybrid", "timed"])

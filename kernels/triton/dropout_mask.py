@@ -67,16 +67,20 @@ def _store_keep_bits(bits_ptr, stride_bits, keep, offs_m, mask_m, k_start, K,
 
 
 @triton.jit
-def _load_keep_bits(bits_ptr, stride_bits, offs_m, offs_k, mask_m, mask_k):
-    """Bool keep tile for rows ``offs_m`` and columns ``offs_k`` from the packed bytes.
+def _load_keep_bits(bits_ptr, stride_bits, offs_m, mask_m, k_start, K,
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Bool (BLOCK_M, BLOCK_K) keep tile for rows ``offs_m`` and columns k_start + arange(BLOCK_K)
+    from the packed bytes (k_start a multiple of 8; columns >= K come out dropped).
 
-    NOTE: each byte is loaded by the 8 lanes that need it (the same address, so one
-    transaction per warp); 1/16 of the bytes of a bf16 tile, against ~40 integer
-    operations per element for a Philox regeneration.
+    NOTE: one load per byte (8 elements), then the 8 bits spread by shifts: a 128x256 tile
+    costs each of 256 threads 16 byte loads and their addresses, not 128 (the registers that
+    made the dx GEMM's prologue spill).
     """
-    ptrs = bits_ptr + offs_m.to(tl.int64)[:, None] * stride_bits + (offs_k >> 3)[None, :]
-    byte = tl.load(ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0).to(tl.int32)
-    return ((byte >> (offs_k & 7)[None, :]) & 1) != 0
+    offs_byte = k_start // 8 + tl.arange(0, BLOCK_K // 8)
+    ptrs = bits_ptr + offs_m.to(tl.int64)[:, None] * stride_bits + offs_byte[None, :]
+    byte = tl.load(ptrs, mask=mask_m[:, None] & (offs_byte < (K + 7) // 8)[None, :], other=0).to(tl.int32)
+    lanes = (byte[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+    return tl.reshape(lanes, (BLOCK_M, BLOCK_K)) != 0
 
 
 @triton.jit
@@ -117,6 +121,6 @@ def _unpack_keep_bits_kernel(
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_m = offs_m < T
     mask_k = offs_k < K
-    keep = _load_keep_bits(bits_ptr, stride_bits, offs_m, offs_k, mask_m, mask_k)
+    keep = _load_keep_bits(bits_ptr, stride_bits, offs_m, mask_m, tl.program_id(1) * BLOCK_K, K, BLOCK_M, BLOCK_K)
     ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
     tl.store(ptrs, keep.to(tl.uint8), mask=mask_m[:, None] & mask_k[None, :])

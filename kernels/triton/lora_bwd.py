@@ -13,7 +13,7 @@ the same bits.
 import triton
 import triton.language as tl
 
-from .common import _grouped_tile, _scalar, _store_tile, _zeros_acc
+from .common import _grouped_tile, _lora_dot, _lora_dot_exact_a, _lora_dot_exact_b, _scalar, _store_tile, _zeros_acc
 from .dropout_mask import _keep_tile, _load_keep_bits
 
 
@@ -35,7 +35,7 @@ def _lora_bwd_dy_kernel(
     stride_dbs, stride_dbn, stride_dbr,
     # meta-parameters
     NEEDS_DXA: tl.constexpr, NEEDS_DB: tl.constexpr, IS_FP64: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    LORA_FP32: tl.constexpr, LORA_PRECISION: tl.constexpr, LORA_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Program (column block j, row split s): reads its part of dy once for both products.
@@ -54,7 +54,7 @@ def _lora_bwd_dy_kernel(
     dot_dtype = dy_ptr.dtype.element_ty
     if NEEDS_DXA:
         b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                    mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(dot_dtype)
+                    mask=mask_n[:, None] & mask_r[None, :], other=0.0)
     db = _zeros_acc(BLOCK_N, BLOCK_R, IS_FP64)
     row_start = pid_s * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, T)
@@ -66,13 +66,13 @@ def _lora_bwd_dy_kernel(
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         if NEEDS_DXA:
             part = _zeros_acc(BLOCK_M, BLOCK_R, IS_FP64)
-            part = tl.dot(dy, b, part, input_precision=INPUT_PRECISION, out_dtype=part.dtype)
+            part = _lora_dot_exact_a(dy, b, part, dot_dtype, LORA_SPLIT, LORA_FP32, LORA_PRECISION)
             tl.store(dxa_split + offs_m.to(tl.int64)[:, None] * stride_dxam + offs_r[None, :] * stride_dxar,
                      part, mask=mask_m[:, None] & mask_r[None, :])
         if NEEDS_DB:
             xa = tl.load(xa_ptr + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :] * stride_xar,
-                         mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(dot_dtype)
-            db = tl.dot(tl.trans(dy), xa, db, input_precision=INPUT_PRECISION, out_dtype=db.dtype)
+                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            db = _lora_dot_exact_a(tl.trans(dy), xa, db, dot_dtype, LORA_SPLIT, LORA_FP32, LORA_PRECISION)
     if NEEDS_DB:
         tl.store(db_ptr + pid_s.to(tl.int64) * stride_dbs + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
                  db, mask=mask_n[:, None] & mask_r[None, :])
@@ -128,7 +128,8 @@ def _lora_bwd_dx_kernel(
     scaling_hi, scaling_lo, threshold, dropout_scale_hi, dropout_scale_lo,
     # meta-parameters
     HAS_DROPOUT: tl.constexpr, MASK_FROM_BITS: tl.constexpr, K_ALIGNED: tl.constexpr,
-    IS_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    IS_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr, LORA_FP32: tl.constexpr,
+    LORA_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """dx = dy W + scaling * D(dxa A): one program per (BLOCK_M, BLOCK_K) tile of dx; the
@@ -152,11 +153,10 @@ def _lora_bwd_dx_kernel(
                 mask=mask_r[:, None] & mask_k[None, :], other=0.0)
     acc = _zeros_acc(BLOCK_M, BLOCK_K, IS_FP64)
     scaling = _scalar(scaling_hi, scaling_lo, IS_FP64)
-    acc = tl.dot((dxa * scaling).to(dot_dtype), a.to(dot_dtype), acc,
-                 input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+    acc = _lora_dot(dxa * scaling, a, acc, dot_dtype, LORA_FP32, LORA_PRECISION)
     if HAS_DROPOUT:
         if MASK_FROM_BITS:
-            keep = _load_keep_bits(bits_ptr, stride_bits, offs_m, offs_k, mask_m, mask_k)
+            keep = _load_keep_bits(bits_ptr, stride_bits, offs_m, mask_m, k_start, K, BLOCK_M, BLOCK_K)
         else:
             keep = _keep_tile(tl.load(seed_ptr), threshold, offs_m, k_start, K, BLOCK_M, BLOCK_K, K_ALIGNED)
         # NOTE: multiplied by 0.0, not selected away: NaN/Inf spread as in PEFT.
@@ -176,7 +176,7 @@ def _lora_bwd_dx_kernel(
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_programs"])
 def _lora_bwd_dx_tma_kernel(
     # tensor descriptors
     dy_desc,   # (T, N) upstream gradient, block (BLOCK_M, BLOCK_N)
@@ -195,16 +195,20 @@ def _lora_bwd_dx_tma_kernel(
     stride_bits,
     # LoRA scaling and dropout (16-bit threshold, 1/(1-p))
     scaling, threshold, dropout_scale,
+    # persistent grid: programs launched (min(tiles, SMs)), a runtime value (one compilation for every T)
+    num_programs,
     # meta-parameters
     HAS_DROPOUT: tl.constexpr, MASK_FROM_BITS: tl.constexpr, K_ALIGNED: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    LORA_FP32: tl.constexpr, LORA_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, EPILOGUE_SUBTILE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    EPILOGUE_SUBTILE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr,
 ):
     """Persistent TMA version of ``_lora_bwd_dx_kernel`` (sm_90+, 16-bit, aligned rows).
 
-    Output tiles (BLOCK_M, BLOCK_K) of dx in grouped order; the N loop is TMA loads
-    and wgmma only; the masked expand joins in the epilogue.
+    Output tiles (BLOCK_M, BLOCK_K) of dx in grouped order. As in the pointer kernel, the
+    masked expand s * D(dxa A) starts the accumulator before the N loop (the plan of
+    DESIGN.md): no second fp32 tile and no keep tile live beside the accumulator, and no
+    rank tile in the pipelined loop. The N loop is TMA loads and wgmma only.
     """
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(T, BLOCK_M)
@@ -218,22 +222,12 @@ def _lora_bwd_dx_tma_kernel(
         if not MASK_FROM_BITS:
             seed = tl.load(seed_ptr)
 
-    tile_id_c = start_pid - NUM_PROGRAMS
-    for tile_id in tl.range(start_pid, num_tiles, NUM_PROGRAMS, flatten=True, warp_specialize=WARP_SPECIALIZE):
+    tile_id_c = start_pid - num_programs
+    for tile_id in tl.range(start_pid, num_tiles, num_programs, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_k = _grouped_tile(tile_id, num_pid_m, num_pid_k, GROUP_M)
         offs_am = pid_m * BLOCK_M
-        offs_wk = pid_k * BLOCK_K
-        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for ni in range(n_tiles):
-            offs_n = ni * BLOCK_N
-            dy = dy_desc.load([offs_am, offs_n])
-            w = w_desc.load([offs_n, offs_wk])
-            acc = tl.dot(dy, w, acc)
-
-        tile_id_c += NUM_PROGRAMS
-        pid_m, pid_k = _grouped_tile(tile_id_c, num_pid_m, num_pid_k, GROUP_M)
         k_start = pid_k * BLOCK_K
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = offs_am + tl.arange(0, BLOCK_M)
         offs_k = k_start + tl.arange(0, BLOCK_K)
         mask_m = offs_m < T
         mask_k = offs_k < K
@@ -241,18 +235,24 @@ def _lora_bwd_dx_tma_kernel(
                       mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-        lora = tl.dot((dxa * scaling).to(dot_dtype), a.to(dot_dtype))
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        acc = _lora_dot(dxa * scaling, a, acc, dot_dtype, LORA_FP32, LORA_PRECISION)
         if HAS_DROPOUT:
             if MASK_FROM_BITS:
-                keep = _load_keep_bits(bits_ptr, stride_bits, offs_m, offs_k, mask_m, mask_k)
+                keep = _load_keep_bits(bits_ptr, stride_bits, offs_m, mask_m, k_start, K, BLOCK_M, BLOCK_K)
             else:
                 keep = _keep_tile(seed, threshold, offs_m, k_start, K, BLOCK_M, BLOCK_K, K_ALIGNED)
-            # NOTE: the keep tile arrives in another register layout than the dot's result;
-            # as fp16 0/1 its conversion needs half the shared memory of an fp32 scale tile
-            # (what lets a 128x256 tile with subtiled stores fit on sm_90).
-            lora = lora * keep.to(tl.float16).to(tl.float32) * dropout_scale
-        acc += lora
-        _store_tile(dx_desc, acc, pid_m * BLOCK_M, k_start, BLOCK_K, EPILOGUE_SUBTILE)
+            # NOTE: multiplied by 0.0, not selected away: NaN/Inf spread as in PEFT.
+            acc = acc * tl.where(keep, dropout_scale, 0.0)
+        for ni in range(n_tiles):
+            offs_n = ni * BLOCK_N
+            dy = dy_desc.load([offs_am, offs_n])
+            w = w_desc.load([offs_n, k_start])
+            acc = tl.dot(dy, w, acc)
+
+        tile_id_c += num_programs
+        pid_m, pid_k = _grouped_tile(tile_id_c, num_pid_m, num_pid_k, GROUP_M)
+        _store_tile(dx_desc, acc, pid_m * BLOCK_M, pid_k * BLOCK_K, BLOCK_K, EPILOGUE_SUBTILE)
 
 
 @triton.jit
@@ -274,7 +274,7 @@ def _lora_bwd_da_kernel(
     threshold, dropout_scale_hi, dropout_scale_lo,
     # meta-parameters
     HAS_DROPOUT: tl.constexpr, MASK_FROM_BITS: tl.constexpr, K_ALIGNED: tl.constexpr,
-    IS_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    IS_FP64: tl.constexpr, LORA_FP32: tl.constexpr, LORA_PRECISION: tl.constexpr, LORA_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Program (k block, split): partial dA over rows [split * rows_per_split, +rows_per_split)."""
@@ -300,13 +300,18 @@ def _lora_bwd_da_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if HAS_DROPOUT:
             if MASK_FROM_BITS:
-                keep = _load_keep_bits(bits_ptr, stride_bits, offs_m, offs_k, mask_m, mask_k)
+                keep = _load_keep_bits(bits_ptr, stride_bits, offs_m, mask_m, k_start, K, BLOCK_M, BLOCK_K)
             else:
                 keep = _keep_tile(seed, threshold, offs_m, k_start, K, BLOCK_M, BLOCK_K, K_ALIGNED)
-            x = (x * tl.where(keep, dropout_scale, 0.0)).to(dot_dtype)
+            if LORA_SPLIT:
+                x = x * keep.to(x.dtype)  # stays exact in tf32; 1/(1-p) joins after the sum
+            else:
+                x = x * tl.where(keep, dropout_scale, 0.0)
         dxa_t = tl.load(dxa_ptr + offs_m.to(tl.int64)[None, :] * stride_dxam + offs_r[:, None] * stride_dxar,
-                        mask=mask_r[:, None] & mask_m[None, :], other=0.0).to(dot_dtype)
-        acc = tl.dot(dxa_t, x, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+                        mask=mask_r[:, None] & mask_m[None, :], other=0.0)
+        acc = _lora_dot_exact_b(dxa_t, x, acc, dot_dtype, LORA_SPLIT, LORA_FP32, LORA_PRECISION)
+    if HAS_DROPOUT and LORA_SPLIT:
+        acc = acc * dropout_scale
     p_ptrs = (da_partial_ptr + pid_s.to(tl.int64) * stride_ps
               + offs_r[:, None] * stride_pr + offs_k[None, :] * stride_pk)
     tl.store(p_ptrs, acc, mask=mask_r[:, None] & mask_k[None, :])

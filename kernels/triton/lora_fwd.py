@@ -13,7 +13,7 @@ Two kernels compute it:
 import triton
 import triton.language as tl
 
-from .common import _grouped_tile, _scalar, _store_tile, _zeros_acc
+from .common import _grouped_tile, _lora_dot, _scalar, _store_tile, _zeros_acc
 
 
 @triton.jit
@@ -37,7 +37,7 @@ def _lora_fwd_kernel(
     scaling_hi, scaling_lo,
     # meta-parameters
     HAS_BIAS: tl.constexpr, IS_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    LORA_FP32: tl.constexpr, LORA_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One program: a (BLOCK_M, BLOCK_N) tile of y, in grouped order for L2 reuse.
@@ -61,8 +61,7 @@ def _lora_fwd_kernel(
     b_t = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
                   mask=mask_r[:, None] & mask_n[None, :], other=0.0)
     acc = _zeros_acc(BLOCK_M, BLOCK_N, IS_FP64)
-    acc = tl.dot((xa * scaling).to(dot_dtype), b_t.to(dot_dtype), acc,
-                 input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+    acc = _lora_dot(xa * scaling, b_t, acc, dot_dtype, LORA_FP32, LORA_PRECISION)
 
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
@@ -80,7 +79,7 @@ def _lora_fwd_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_programs"])
 def _lora_fwd_tma_kernel(
     # tensor descriptors
     x_desc,    # (T, K) input, block (BLOCK_M, BLOCK_K)
@@ -97,16 +96,22 @@ def _lora_fwd_tma_kernel(
     stride_bn, stride_br,
     # LoRA scaling
     scaling,
+    # persistent grid: programs launched (min(tiles, SMs)); a runtime value, so a new tile
+    # count (a new T) reuses the compiled kernel
+    num_programs,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_BIAS: tl.constexpr, LORA_FP32: tl.constexpr, LORA_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, EPILOGUE_SUBTILE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    EPILOGUE_SUBTILE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr,
 ):
-    """Persistent: program p computes tiles p, p + NUM_PROGRAMS, ... of y (grouped order).
+    """Persistent: program p computes tiles p, p + num_programs, ... of y (grouped order).
 
-    The K loop is pure TMA loads and wgmma; the low-rank expand (a rank-BLOCK_R dot
-    from xa and lora_B, pointer loads) and the bias join the accumulator in the
-    epilogue, before the single store of the tile.
+    The low-rank expand (a rank-BLOCK_R dot from xa and lora_B, pointer loads) starts the
+    accumulator before the K loop, as in the pointer kernel: no rank tile is live in the
+    pipelined loop or beside the accumulator in the epilogue. The K loop is TMA loads and
+    wgmma only; the bias joins in the epilogue, before the single store of the tile.
+    FLATTEN: flatten the tile and K loops for the pipeliner (off for warp specialisation
+    on sm_90, as Triton's persistent-matmul tutorial does).
     """
     start_pid = tl.program_id(0)
     num_pid_m = tl.cdiv(T, BLOCK_M)
@@ -119,30 +124,29 @@ def _lora_fwd_tma_kernel(
 
     # NOTE: the epilogue recomputes its tile from its own counter (tile_id_c), as in
     # Triton's persistent-matmul tutorial, so the flattened loop pipelines cleanly.
-    tile_id_c = start_pid - NUM_PROGRAMS
-    for tile_id in tl.range(start_pid, num_tiles, NUM_PROGRAMS, flatten=True, warp_specialize=WARP_SPECIALIZE):
+    tile_id_c = start_pid - num_programs
+    for tile_id in tl.range(start_pid, num_tiles, num_programs, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n = _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
         offs_am = pid_m * BLOCK_M
         offs_bn = pid_n * BLOCK_N
+        offs_m = offs_am + tl.arange(0, BLOCK_M)
+        offs_n = offs_bn + tl.arange(0, BLOCK_N)
+        xa = tl.load(xa_ptr + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :] * stride_xar,
+                     mask=(offs_m < T)[:, None] & mask_r[None, :], other=0.0)
+        b_t = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                      mask=mask_r[:, None] & (offs_n < N)[None, :], other=0.0)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = _lora_dot(xa * scaling, b_t, acc, dot_dtype, LORA_FP32, LORA_PRECISION)
         for ki in range(k_tiles):
             offs_k = ki * BLOCK_K
             x = x_desc.load([offs_am, offs_k])
             w = w_desc.load([offs_bn, offs_k])
             acc = tl.dot(x, w.T, acc)
 
-        tile_id_c += NUM_PROGRAMS
+        tile_id_c += num_programs
         pid_m, pid_n = _grouped_tile(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_m = offs_m < T
-        mask_n = offs_n < N
-        xa = tl.load(xa_ptr + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :] * stride_xar,
-                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        b_t = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
-                      mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot((xa * scaling).to(dot_dtype), b_t.to(dot_dtype), acc)
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
             acc += bias[None, :].to(tl.float32)
         _store_tile(y_desc, acc, pid_m * BLOCK_M, pid_n * BLOCK_N, BLOCK_N, EPILOGUE_SUBTILE)

@@ -70,6 +70,36 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float64 else "tf32"
 
 
+def _lora_precision(dtype: torch.dtype, adapter_dtype: torch.dtype, gemm: bool = False) -> dict:
+    """The constexprs that say how a kernel computes the LoRA branch's dots:
+    LORA_FP32 (fp32 operands), LORA_PRECISION (tl.dot's input_precision) and, unless ``gemm``,
+    LORA_SPLIT.
+
+    fp32 adapters on a 16-bit input (PEFT's default) keep the branch in fp32, as PEFT and the
+    torch backend do: rounding A, B, xa or dxa to 16 bits for a dot made dA and dB ~1000x less
+    accurate. The skinny passes (shrink, dy pass, dA), whose results stay fp32, take LORA_SPLIT:
+    the 16-bit operand is exact in tf32 and the fp32 one is split into two tf32 parts (two
+    tensor-core dots, ``kernels/common.py``'s ``_lora_dot_exact_a``). The expands inside the two
+    GEMMs (``gemm``), whose results are rounded to the 16-bit output, take one "tf32" dot of fp32
+    operands: the precision of fp16 with the range of fp32.
+    An fp32 input: fp32 operands at ``_input_precision`` (torch's allow_tf32); 16-bit adapters on
+    a 16-bit input: the input's dtype; fp64: fp64.
+    """
+    split = False
+    if dtype == torch.float64:
+        fp32, precision = False, "ieee"
+    elif dtype == torch.float32:
+        fp32, precision = True, _input_precision(dtype)
+    elif adapter_dtype in (torch.float32, torch.float64):
+        fp32, precision, split = True, "tf32", not gemm
+    else:
+        fp32, precision = False, "tf32"
+    constexprs = dict(LORA_FP32=fp32, LORA_PRECISION=precision)
+    if not gemm:
+        constexprs["LORA_SPLIT"] = split
+    return constexprs
+
+
 # ----------------------------------------------------------------------------- device facts
 
 @functools.lru_cache(maxsize=None)

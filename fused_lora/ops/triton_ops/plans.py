@@ -20,7 +20,7 @@ from ...kernels.lora_fwd import _lora_fwd_kernel, _lora_fwd_tma_kernel
 from ...kernels.lora_shrink import _lora_shrink_kernel
 from . import tuning
 from .launch import (TensorDescriptor, _aligned, _device_facts, _dropout_scalars, _grid_device, _index,
-                     _input_precision, _Launch, _split_float, accumulation_dtype, force_tma)
+                     _input_precision, _Launch, _lora_precision, _split_float, accumulation_dtype, force_tma)
 from .tuning import TMA_MAX_RANK_BLOCK
 
 PLAN_CACHE_SIZE = 1024
@@ -76,24 +76,37 @@ class _ShrinkPlan:
     def __init__(self, x2d, lora_A, dropout_p, store_bits):
         T, K = x2d.shape
         R = lora_A.shape[0]
-        block_m, block_k, warps, stages = tuning._shrink_config(T, K, R, x2d.element_size(), x2d.device)
+        size = x2d.element_size()
+        lora = _lora_precision(x2d.dtype, lora_A.dtype)
+        block_m, block_k, warps, stages = tuning._shrink_config(T, K, R, size, x2d.device, lora["LORA_SPLIT"])
+        splits, k_per_split = tuning._shrink_splits(T, K, size, block_m, block_k, x2d.device)
         threshold, scale_hi, scale_lo = _dropout_scalars(dropout_p)
         self.T, self.K, self.R = T, K, R
         self.acc_dtype = accumulation_dtype(x2d.dtype)
         self.store_bits = store_bits
-        self.static = (T, K, R, x2d.stride(0), x2d.stride(1), lora_A.stride(0), lora_A.stride(1), R, 1,
-                       triton.cdiv(K, 8), threshold, scale_hi, scale_lo)
+        self.splits = splits
+        self.static = (T, K, R, k_per_split, x2d.stride(0), x2d.stride(1), lora_A.stride(0), lora_A.stride(1),
+                       T * R, R, 1, triton.cdiv(K, 8), threshold, scale_hi, scale_lo)
         self.launch = _Launch(
-            _lora_shrink_kernel, (triton.cdiv(T, block_m),),
+            _lora_shrink_kernel, (triton.cdiv(T, block_m), splits),
             dict(HAS_DROPOUT=dropout_p > 0.0, STORE_BITS=store_bits, K_ALIGNED=K % 8 == 0,
-                 IS_FP64=x2d.dtype == torch.float64, INPUT_PRECISION=_input_precision(x2d.dtype),
+                 IS_FP64=x2d.dtype == torch.float64, **lora,
                  BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=rank_block(R)),
             dict(num_warps=warps, num_stages=stages), _grid_device(x2d.device))
+        if splits > 1:  # the partial sums of the K splits, added in order
+            self.sum = _Launch(_sum_partials_kernel, (triton.cdiv(T * R, 1024),),
+                               dict(IS_FP64=x2d.dtype == torch.float64, BLOCK=1024), dict(num_warps=4),
+                               _grid_device(x2d.device))
+            self.sum_static = (splits, T * R, T * R, 1.0, 0.0)
 
     def __call__(self, x2d, lora_A, seed):
         xa = torch.empty((self.T, self.R), dtype=self.acc_dtype, device=x2d.device)
-        bits = torch.empty((self.T, self.static[9]), dtype=torch.uint8, device=x2d.device) if self.store_bits else None
-        self.launch(x2d, lora_A, xa, x2d if seed is None else seed, xa if bits is None else bits, *self.static)
+        bits = torch.empty((self.T, self.static[11]), dtype=torch.uint8, device=x2d.device) if self.store_bits else None
+        parts = xa if self.splits == 1 else torch.empty((self.splits, self.T, self.R), dtype=self.acc_dtype,
+                                                        device=x2d.device)
+        self.launch(x2d, lora_A, parts, x2d if seed is None else seed, xa if bits is None else bits, *self.static)
+        if self.splits > 1:
+            self.sum(parts, xa, *self.sum_static)
         return xa, bits
 
 
@@ -144,20 +157,24 @@ def _persistent_programs(tiles: int, device) -> int:
 
 
 def _persistent_tma_launch(kernel, config: GemmConfig, rows: int, cols: int, dtype, device, constexprs: dict):
-    """(output descriptor factory, launch) of a persistent TMA GEMM writing a (rows, cols) tensor.
+    """(output descriptor factory, launch, programs) of a persistent TMA GEMM writing a (rows, cols)
+    tensor; ``programs`` is the kernel's last runtime argument (num_programs).
 
     The config's BLOCK_M x BLOCK_N is the output tile; EPILOGUE_SUBTILE stores it in two halves.
+    NOTE: the number of programs is a runtime argument (not specialised on): each T with a new
+    tile count would otherwise compile the kernel again.
     """
     tiles = triton.cdiv(rows, config.BLOCK_M) * triton.cdiv(cols, config.BLOCK_N)
     programs = _persistent_programs(tiles, device)
     store_cols = config.BLOCK_N // 2 if config.EPILOGUE_SUBTILE else config.BLOCK_N
     out_desc = _descriptor_factory(torch.empty(16, dtype=dtype, device=device), (rows, cols), (cols, 1),
                                    (config.BLOCK_M, store_cols))
+    major = _device_facts(_index(device))[1] if device.type == "cuda" else 9
     launch = _Launch(kernel, (programs,),
-                     dict(constexprs, NUM_PROGRAMS=programs, EPILOGUE_SUBTILE=config.EPILOGUE_SUBTILE,
-                          WARP_SPECIALIZE=config.WARP_SPECIALIZE),
+                     dict(constexprs, EPILOGUE_SUBTILE=config.EPILOGUE_SUBTILE, WARP_SPECIALIZE=config.WARP_SPECIALIZE,
+                          FLATTEN=config.flatten(major)),
                      dict(num_warps=config.num_warps, num_stages=config.num_stages), _grid_device(device))
-    return out_desc, launch
+    return out_desc, launch, programs
 
 
 
@@ -189,14 +206,16 @@ class _ForwardPlan:
         T, K = x2d.shape
         N, R = lora_B.shape
         device, dtype = x2d.device, x2d.dtype
-        common = dict(HAS_BIAS=self.has_bias, BLOCK_R=self.block_r, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N,
+        common = dict(HAS_BIAS=self.has_bias, **_lora_precision(dtype, lora_B.dtype, gemm=True),
+                      BLOCK_R=self.block_r, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N,
                       BLOCK_K=config.BLOCK_K, GROUP_M=config.GROUP_M)
         options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
         if kind == "tma":
             x_desc = _descriptor_factory(x2d, (T, K), x2d.stride(), (config.BLOCK_M, config.BLOCK_K))
             w_desc = _descriptor_factory(weight, (N, K), weight.stride(), (config.BLOCK_N, config.BLOCK_K))
-            y_desc, launch = _persistent_tma_launch(_lora_fwd_tma_kernel, config, T, N, dtype, device, common)
-            static = (T, N, K, R, xa.stride(0), xa.stride(1), lora_B.stride(0), lora_B.stride(1), float(scaling))
+            y_desc, launch, programs = _persistent_tma_launch(_lora_fwd_tma_kernel, config, T, N, dtype, device, common)
+            static = (T, N, K, R, xa.stride(0), xa.stride(1), lora_B.stride(0), lora_B.stride(1), float(scaling),
+                      programs)
 
             def tma(x2d, weight, bias, lora_B, xa, y):
                 launch(x_desc(x2d), w_desc(weight), y_desc(y), weight if bias is None else bias, xa, lora_B, *static)
@@ -248,6 +267,8 @@ class _BackwardPlan:
         self.lora_dtypes = (lora_A.dtype, lora_B.dtype)
         is_fp64 = dtype == torch.float64
         precision = _input_precision(dtype)
+        dy_lora = _lora_precision(dtype, lora_B.dtype)
+        da_lora = _lora_precision(dtype, lora_A.dtype)
         block_r = rank_block(R)
         needs_dxa = needs_dx or needs_dA
         has_dropout = dropout_p > 0.0
@@ -256,7 +277,8 @@ class _BackwardPlan:
         gd = _grid_device(device)
 
         # Step 3: the dy pass, a grid of column blocks x row splits.
-        dy_m, dy_n, dy_warps, dy_stages = tuning._dy_config(T, N, R, dy.element_size(), device)
+        dy_m, dy_n, dy_warps, dy_stages = tuning._dy_config(T, N, R, dy.element_size(), device,
+                                                             dy_lora["LORA_SPLIT"])
         n_splits = triton.cdiv(N, dy_n)
         m_splits = tuning._splits(triton.cdiv(T, dy_m), n_splits, device)
         rows_per_split = triton.cdiv(triton.cdiv(T, dy_m), m_splits) * dy_m
@@ -264,7 +286,7 @@ class _BackwardPlan:
         self.n_splits, self.m_splits = n_splits, m_splits
         self.dy_launch = _Launch(
             _lora_bwd_dy_kernel, (n_splits, m_splits),
-            dict(NEEDS_DXA=needs_dxa, NEEDS_DB=needs_dB, IS_FP64=is_fp64, INPUT_PRECISION=precision,
+            dict(NEEDS_DXA=needs_dxa, NEEDS_DB=needs_dB, IS_FP64=is_fp64, **dy_lora,
                  BLOCK_M=dy_m, BLOCK_N=dy_n, BLOCK_R=block_r),
             dict(num_warps=dy_warps, num_stages=dy_stages), gd)
         self.dy_static = (T, N, R, rows_per_split, dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
@@ -282,18 +304,20 @@ class _BackwardPlan:
         if needs_dx:
             self.tma_ok = (_tma_possible(device, dtype, R) and _tma_rows_ok(dy) and _tma_rows_ok(weight)
                            and (K * dy.element_size()) % 16 == 0)
-            mask = ("bits" if from_bits else "seed") if has_dropout else None
+            mask = ("bits" if from_bits else "seed" if K % 8 == 0 else "seed-odd") if has_dropout else None
             candidates = tuning._gemm_candidates(device, dtype, block_r, self.tma_ok, T, mask)
             op_key = ("dx", device, dtype, lora_A.dtype, N, K, R, has_dropout, from_bits, self.tma_ok,
                       tuning._shape_class(T))
             dx_args = dict(threshold=threshold, dscale=(dscale_hi, dscale_lo), scaling=(scaling_hi, scaling_lo),
                            has_dropout=has_dropout, from_bits=from_bits, precision=precision, block_r=block_r)
             acc_dtype = self.acc_dtype
+            # NOTE: the unused seed pointer is dy, as in __call__, so the trial run compiles what calls use.
+            seed_is_read = has_dropout and not from_bits
 
             def run_args():  # called only where a candidate must run (tuning._choose)
                 bits = torch.ones((T, triton.cdiv(K, 8)), dtype=torch.uint8, device=device) if from_bits else None
-                return (dy, weight, torch.zeros((T, R), dtype=acc_dtype, device=device), lora_A,
-                        torch.zeros((), dtype=torch.int64, device=device), bits,
+                seed = torch.zeros((), dtype=torch.int64, device=device) if seed_is_read else dy
+                return (dy, weight, torch.zeros((T, R), dtype=acc_dtype, device=device), lora_A, seed, bits,
                         torch.empty((T, K), dtype=dtype, device=device))
 
             self.dx_args = dx_args
@@ -302,7 +326,8 @@ class _BackwardPlan:
 
         # Step 5: dA = scaling * dxa^T D(x), split over T.
         if needs_dA:
-            da_m, da_k, da_warps, da_stages = tuning._da_config(T, K, R, dy.element_size(), device)
+            da_m, da_k, da_warps, da_stages = tuning._da_config(T, K, R, dy.element_size(), device,
+                                                                 da_lora["LORA_SPLIT"])
             k_blocks = triton.cdiv(K, da_k)
             row_blocks = triton.cdiv(T, da_m)
             splits = tuning._splits(row_blocks, k_blocks, device)
@@ -311,7 +336,7 @@ class _BackwardPlan:
             self.da_launch = _Launch(
                 _lora_bwd_da_kernel, (k_blocks, self.da_splits),
                 dict(HAS_DROPOUT=has_dropout, MASK_FROM_BITS=from_bits, K_ALIGNED=K % 8 == 0, IS_FP64=is_fp64,
-                     INPUT_PRECISION=precision, BLOCK_M=da_m, BLOCK_K=da_k, BLOCK_R=block_r),
+                     **da_lora, BLOCK_M=da_m, BLOCK_K=da_k, BLOCK_R=block_r),
                 dict(num_warps=da_warps, num_stages=da_stages), gd)
             self.da_x_strides = None  # filled per call (x is the saved input; its strides are in the key)
             self.da_static_tail = (R * K, K, 1, triton.cdiv(K, 8), threshold, dscale_hi, dscale_lo)
@@ -327,6 +352,7 @@ class _BackwardPlan:
         # NOTE: dx's output tile is (rows, in_features): the config's BLOCK_N is the
         # kernel's BLOCK_K (output columns), its BLOCK_K the kernel's BLOCK_N (reduction).
         common = dict(HAS_DROPOUT=a["has_dropout"], MASK_FROM_BITS=a["from_bits"], K_ALIGNED=K % 8 == 0,
+                      **_lora_precision(dtype, lora_A.dtype, gemm=True),
                       BLOCK_R=a["block_r"], BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_K, BLOCK_K=config.BLOCK_N,
                       GROUP_M=config.GROUP_M)
         options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
@@ -334,9 +360,10 @@ class _BackwardPlan:
         if kind == "tma":
             dy_desc = _descriptor_factory(dy, (T, N), dy.stride(), (config.BLOCK_M, config.BLOCK_K))
             w_desc = _descriptor_factory(weight, (N, K), weight.stride(), (config.BLOCK_K, config.BLOCK_N))
-            dx_desc, launch = _persistent_tma_launch(_lora_bwd_dx_tma_kernel, config, T, K, dtype, device, common)
+            dx_desc, launch, programs = _persistent_tma_launch(_lora_bwd_dx_tma_kernel, config, T, K, dtype, device,
+                                                               common)
             static = (T, N, K, R, R, 1, lora_A.stride(0), lora_A.stride(1), bits_stride,
-                      a["scaling"][0], a["threshold"], a["dscale"][0])
+                      a["scaling"][0], a["threshold"], a["dscale"][0], programs)
 
             def tma(dy, weight, dxa, lora_A, seed, bits, dx):
                 launch(dy_desc(dy), w_desc(weight), dx_desc(dx), dxa, lora_A, seed, dxa if bits is None else bits,

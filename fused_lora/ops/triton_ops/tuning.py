@@ -60,48 +60,87 @@ def _skinny_config(name):
     (several programs and loop steps even on test shapes), else the heuristic."""
     def wrap(heuristic):
         @functools.wraps(heuristic)
-        def config(T, features, R, element_size, device):
+        def config(T, features, R, element_size, device, lora_split=False):
             if name in CONFIG_OVERRIDES:
                 return CONFIG_OVERRIDES[name]
             if interpreting():
                 return 16, 32, 4, 1
-            return heuristic(T, features, R, element_size, device)
+            return heuristic(T, features, R, element_size, device, lora_split)
         return config
     return wrap
 
 
+# NOTE on the skinny configs below: each was checked with `tools/compile_kernels.py --check` for
+# sm_90 (no register spill, shared memory within 227 KiB) for 16-bit inputs with fp32 and 16-bit
+# adapters, fp32 and fp64 inputs, r = 16 and 64, every mask mode. ``lora_split``: fp32 adapters
+# on a 16-bit input (launch._lora_precision's LORA_SPLIT), whose two-part tf32 dots need more
+# registers. Ranks above 64 keep smaller blocks, unchecked.
+
 @_skinny_config("shrink")
-def _shrink_config(T, K, R, element_size, device):
-    """(BLOCK_M, BLOCK_K, num_warps, num_stages) of the shrink."""
+def _shrink_config(T, K, R, element_size, device, lora_split=False):
+    """(BLOCK_M, BLOCK_K, num_warps, num_stages) of the shrink (``_shrink_splits``: how many
+    programs share each row block's K)."""
     block_r = rank_block(R)
-    block_k = {2: 128, 4: 64}.get(element_size, 32)
-    if block_r > 64:
-        block_k = min(block_k, 64)
-    # NOTE: rows per program shrink until the grid fills the device twice: a 64 MiB x
-    # read by 128 programs left most SMs idle (measured on an H200: 36 us against 16).
-    block_m = 64 if block_r <= 64 and element_size <= 4 else 32
-    while block_m > 16 and triton.cdiv(T, block_m) < _programs_target(device):
-        block_m //= 2
-    return block_m, block_k, 4, 3
+    if element_size == 8:
+        block_m, block_k, warps = 32, 32, 4
+    elif block_r > 64:
+        block_m, block_k, warps = 32, 64, 4
+    else:
+        block_m, block_k, warps = 64, 128 if element_size == 2 else 64, 8
+    if T * K * element_size < SHRINK_SPLIT_BYTES and triton.cdiv(T, block_m) < _programs_target(device):
+        # NOTE: a small x: 16-row programs fill the device (a 64 MiB x read by 128 programs left
+        # most SMs idle, measured on an H200: 36 us against 16), without a K split, so without
+        # partial sums and a second launch; the lora_A reloads this costs stay in L2.
+        # (8 warps for 16-bit adapters: ptxas spilled 68 bytes of an fp16 r = 64 mask-from-seed
+        # variant at 4 warps; 4 for fp32 adapters, where 8 spilled 8 bytes.)
+        block_m, block_k, warps = 16, min(block_k, 64), 8 if element_size == 2 and not lora_split else 4
+    return block_m, block_k, warps, 3
+
+
+# x bytes from which the shrink splits K across programs rather than shrink its row blocks.
+SHRINK_SPLIT_BYTES = 8 << 20
+
+
+def _shrink_splits(T, K, element_size, block_m, block_k, device) -> tuple[int, int]:
+    """(splits, k_per_split): K cut into ``splits`` ranges of whole BLOCK_K steps so that
+    row blocks x splits fill the device twice (one split for a small x)."""
+    k_blocks = triton.cdiv(K, block_k)
+    row_blocks = triton.cdiv(T, block_m)
+    splits = 1
+    if T * K * element_size >= SHRINK_SPLIT_BYTES and row_blocks < _programs_target(device):
+        splits = min(k_blocks, triton.cdiv(_programs_target(device), row_blocks))
+    k_per_split = triton.cdiv(k_blocks, splits) * block_k
+    return triton.cdiv(K, k_per_split) if K else 1, k_per_split
 
 
 @_skinny_config("dy")
-def _dy_config(T, N, R, element_size, device):
+def _dy_config(T, N, R, element_size, device, lora_split=False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dy pass."""
     block_r = rank_block(R)
+    if lora_split:
+        return 32, 256 if block_r <= 16 else 128, 8, 2
     base = {2: 256, 4: 128}.get(element_size, 64)
     # The (BLOCK_N, BLOCK_R) dB accumulator stays in registers: at most 4096 fp32 values per 4 warps.
     block_n = min(base, max(16, 16384 // block_r // max(1, element_size // 2)))
     block_m = 64 if block_r <= 32 and element_size <= 2 else 32
-    return block_m, block_n, 8 if block_n * block_r >= 4096 else 4, 2
+    warps = 8 if block_n * block_r >= 4096 else 4
+    if element_size == 8 and block_r > 16:
+        block_m, warps = 16, 4
+    return block_m, block_n, warps, 2
 
 
 @_skinny_config("da")
-def _da_config(T, K, R, element_size, device):
-    """(BLOCK_M, BLOCK_K, num_warps, num_stages) of the dA partials."""
+def _da_config(T, K, R, element_size, device, lora_split=False):
+    """(BLOCK_M, BLOCK_K, num_warps, num_stages) of the dA partials.
+
+    NOTE: dxa (BLOCK_M, r) is read once per BLOCK_K columns: 128-wide blocks keep that L2 traffic
+    at a quarter of x's bytes for bf16 x, fp32 dxa, r = 16."""
     block_r = rank_block(R)
-    block_k = 128 if block_r <= 64 and element_size <= 2 else (64 if element_size <= 4 else 32)
-    return 64 if element_size <= 4 else 32, block_k, 4, 3
+    if element_size >= 4:  # fp32 on CUDA cores unless TF32 is allowed; fp64
+        return 32, 32, 4, 3
+    if lora_split:
+        return 32, 128 if block_r <= 64 else 64, 8, 3
+    return 64, 128 if block_r <= 64 else 64, 4, 3
 
 
 def _splits(units: int, other_programs: int, device) -> int:
@@ -110,22 +149,55 @@ def _splits(units: int, other_programs: int, device) -> int:
 
 
 
-# The configs the tuner times, by index into TMA_GEMM_CONFIGS / POINTER_GEMM_CONFIGS: a few,
-# since each costs a compilation on a fresh machine (bench/gpu_kernels.py times them all).
-# The dx kernel with dropout needs more shared memory in its epilogue (kernels/common.py).
-TUNED_TMA = {("long", None): (0, 1, 2), ("long", "bits"): (2, 1), ("long", "seed"): (1,),
-             ("short", None): (4, 1), ("short", "bits"): (4, 1), ("short", "seed"): (4, 1)}
-TUNED_POINTER = {"long": (0, 1, 2), "short": (2, 3)}
-# NOTE: the persistent loop's pipeliner multi-buffers the epilogue's fp32 rank tiles (xa, lora_B /
-# dxa, lora_A) in shared memory: at BLOCK_R = 64 every TMA config overflows sm_90's 227 KiB
-# (compiled: 262-311 KiB). Larger ranks take the pointer kernels or the cuBLAS hybrid.
-TMA_MAX_RANK_BLOCK = 16
+# The configs the tuner times, by index into TMA_GEMM_CONFIGS / POINTER_GEMM_CONFIGS; the first of
+# each list is the heuristic default. A few, since each costs a compilation on a fresh machine
+# (bench/gpu_kernels.py times them all). Chosen from `tools/compile_kernels.py --check`'s report for
+# sm_90 (Triton 3.9, ptxas 13): none of them spills registers or passes 227 KiB of shared memory, with
+# fp32 or 16-bit adapters, for every mask mode; tests/test_kernels_compile.py keeps it so.
+# NOTE: 128x256 output tiles are for dx without dropout only: with a mask the prologue's keep tile
+# beside the 128x256 fp32 accumulator spills (32-80 bytes), so dropout takes 128x128 tiles.
+# NOTE: "-nf" configs do not flatten the persistent loop: flattened, the pipeliner multi-buffers
+# the rank tiles the prologue loads (r = 64 with fp32 adapters: 295 KiB at 128x128, against 197),
+# and the mask-from-seed prologue's layout conversion gets its own buffer (229 KiB at 128x128,
+# r = 16, against 172). The defaults need at most 200 KiB (128x256, fp32 adapters).
+TUNED_TMA = {
+    # (rows, mask, rank block: <= 16 or <= 64)
+    ("long", None, 16): (2, 1, 6), ("long", "bits", 16): (1, 7), ("long", "seed", 16): (7, 8),
+    ("short", None, 16): (4, 1), ("short", "bits", 16): (4, 1), ("short", "seed", 16): (4, 7),
+    ("long", None, 64): (7, 8), ("long", "bits", 64): (7, 8), ("long", "seed", 64): (7, 8),
+    ("short", None, 64): (9, 8), ("short", "bits", 64): (9, 8), ("short", "seed", 64): (9, 8),
+}
+# (input element size, rows, mask), for every r <= 64. "seed-odd": the mask regenerated from the
+# seed with K % 8 != 0 (one Philox call per element, not per 8): only 64x64 tiles and smaller stay
+# in registers. 128x128 tiles take 8 warps (with 4 they hold 240-255 registers, no margin). fp32
+# inputs compute on CUDA cores unless TF32 is allowed: 64-wide tiles (128-wide ones reach 252
+# registers at r = 16 and spill at r = 64).
+_POINTER_RULES = {
+    2: {("long", None): (0, 5, 2), ("long", "drop"): (5, 6, 2), ("short", None): (2, 3), ("short", "drop"): (2, 3),
+        ("long", "seed-odd"): (3, 9), ("short", "seed-odd"): (3, 9)},
+    4: {("long", None): (8, 9), ("long", "drop"): (8, 9), ("short", None): (8, 9), ("short", "drop"): (8, 9),
+        ("long", "seed-odd"): (9,), ("short", "seed-odd"): (9,)},
+    8: {("long", None): (3, 8), ("long", "drop"): (3, 8), ("short", None): (8, 9), ("short", "drop"): (8, 9),
+        ("long", "seed-odd"): (9,), ("short", "seed-odd"): (9,)},
+}
+TUNED_POINTER = {(size, length, mask): rules[length, "drop" if mask in ("bits", "seed") else mask]
+                 for size, rules in _POINTER_RULES.items() for length in ("long", "short")
+                 for mask in (None, "bits", "seed", "seed-odd")}
+# NOTE: the rank tiles join the accumulator before the K loop (no rank tile is live in the
+# pipelined loop), so r <= 64 fits the TMA kernels; larger ranks take the pointer kernels or the
+# cuBLAS hybrid.
+TMA_MAX_RANK_BLOCK = 64
+
+
+def _rank_class(block_r: int) -> int:
+    return 16 if block_r <= 16 else 64
 
 
 def _gemm_candidates(device, dtype, block_r, tma_ok, rows, mask=None):
     """[(label, kind, config)] the tuner may time; the first is the heuristic default.
 
-    ``mask``: None (no dropout), "bits" or "seed": how the dx epilogue gets its mask.
+    ``mask``: None (no dropout), "bits", "seed" or "seed-odd" (the seed with K % 8 != 0): how
+    the dx GEMM gets its mask (the forward GEMM: None).
     """
     if interpreting():
         config = INTERPRETER_GEMM_CONFIG
@@ -134,14 +206,15 @@ def _gemm_candidates(device, dtype, block_r, tma_ok, rows, mask=None):
     limit = _device_facts(_index(device))[2]
     element_size = torch.empty((), dtype=dtype).element_size()
     length = "short" if rows <= 256 else "long"
+    pointer = [POINTER_GEMM_CONFIGS[i] for i in TUNED_POINTER[element_size, length, mask]]
     if tma_ok:
-        kind, configs = "tma", [TMA_GEMM_CONFIGS[i] for i in TUNED_TMA[length, mask]]
+        kind, configs = "tma", [TMA_GEMM_CONFIGS[i] for i in TUNED_TMA[length, mask, _rank_class(block_r)]]
     else:
-        kind, configs = "pointer", [POINTER_GEMM_CONFIGS[i] for i in TUNED_POINTER[length]]
+        kind, configs = "pointer", pointer
     fitting = fitting_gemm_configs(configs, element_size, block_r, limit)
     candidates = [(f"{kind}:" + c.label(), kind, c) for c in fitting]
     if dtype != torch.float64:  # cuBLAS's fp64 GEMM is no faster than the fused one where fp64 matters
-        expand = fitting_gemm_configs(POINTER_GEMM_CONFIGS, element_size, block_r, limit)[0]
+        expand = fitting_gemm_configs(pointer, element_size, block_r, limit)[0]
         candidates.append(("hybrid", "hybrid", expand))
     return candidates
 

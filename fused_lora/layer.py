@@ -62,21 +62,38 @@ def linear_problem(linear: nn.Module) -> str | None:
     return None
 
 
-def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
-    """PEFT's default (``autocast_adapter_dtype=True``): fp32 adapters on fp16/bf16 bases, else the base's dtype."""
-    return torch.float32 if base_dtype in HALF_DTYPES else base_dtype
+def base_dtype_of(linear: nn.Module) -> torch.dtype | None:
+    """What a linear layer's adapter dtypes depend on: its weight's dtype, or None for a bitsandbytes 4-bit
+    weight (a ``Linear4bit``, or a FusedLoRALinear over one), which computes in the input's dtype."""
+    weight = linear.weight
+    return None if is_params_4bit(weight) else weight.dtype
 
 
-def check_adapter_dtype(adapter_dtype, base_dtype: torch.dtype) -> torch.dtype:
+def adapter_dtypes(base_dtype: torch.dtype | None) -> tuple[torch.dtype, ...]:
+    """The adapter dtypes the fused op takes with a base (and input) of ``base_dtype``, PEFT's default
+    (``autocast_adapter_dtype=True``) first: fp32 or the base's dtype on an fp16/bf16 base, else the
+    base's dtype; on a 4-bit base (``base_dtype`` None, see ``base_dtype_of``) fp32, fp16 or bf16."""
+    if base_dtype is None:
+        return (torch.float32, torch.float16, torch.bfloat16)
+    return (torch.float32, base_dtype) if base_dtype in HALF_DTYPES else (base_dtype,)
+
+
+def default_adapter_dtype(base_dtype: torch.dtype | None) -> torch.dtype:
+    """PEFT's default (``autocast_adapter_dtype=True``): fp32 adapters on fp16/bf16 and 4-bit bases, else the
+    base's dtype."""
+    return adapter_dtypes(base_dtype)[0]
+
+
+def check_adapter_dtype(adapter_dtype, base_dtype: torch.dtype | None) -> torch.dtype:
     """``adapter_dtype`` (None: ``default_adapter_dtype``) checked to be one the fused op takes with
-    a base (and input) of ``base_dtype``: the base's dtype, or fp32 on an fp16/bf16 base."""
+    a base (and input) of ``base_dtype`` (``adapter_dtypes``; None: a 4-bit base)."""
+    allowed = adapter_dtypes(base_dtype)
     if adapter_dtype is None:
-        return default_adapter_dtype(base_dtype)
-    allowed = (base_dtype, torch.float32) if base_dtype in HALF_DTYPES else (base_dtype,)
+        return allowed[0]
     if adapter_dtype not in allowed:
-        names = " or ".join(str(d) for d in allowed)
-        raise TypeError(f"adapter_dtype: expected None, {names} for a base of dtype {base_dtype}, "
-                        f"got {adapter_dtype!r}")
+        names = " or ".join(filter(None, (", ".join(str(d) for d in allowed[:-1]), str(allowed[-1]))))
+        base = "a 4-bit base" if base_dtype is None else f"a base of dtype {base_dtype}"
+        raise TypeError(f"adapter_dtype: expected None, {names} for {base}, got {adapter_dtype!r}")
     return adapter_dtype
 
 
@@ -299,10 +316,7 @@ class FusedLoRALinear(nn.Module):
                              f"hooks computes something other than bitsandbytes' Linear4bit; fused_lora takes only a "
                              f"plain Linear4bit")
         w4 = weight_4bit(linear.weight, "linear.weight")  # ValueError for what cannot be read in place
-        if adapter_dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"adapter_dtype: expected None, torch.float32, torch.float16 or torch.bfloat16 over a "
-                            f"4-bit base, got {adapter_dtype!r}")
-        adapter_dtype = adapter_dtype or torch.float32
+        adapter_dtype = check_adapter_dtype(adapter_dtype, None)
         layer = cls(linear.in_features, linear.out_features, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                     bias=linear.bias is not None, use_rslora=use_rslora, device="meta", dtype=adapter_dtype)
         linear.weight.requires_grad_(False)

@@ -40,7 +40,7 @@ import torch.nn as nn
 
 from ..checks import HALF_DTYPES, SUPPORTED_DTYPES, check_dropout_p, check_rank, type_name
 from ..functional import TRITON_MAX_RANK, fused_lora_linear
-from ..layer import FusedLoRALinear, check_adapter_dtype, linear_problem, lora_scaling
+from ..layer import FusedLoRALinear, base_dtype_of, check_adapter_dtype, linear_problem, lora_scaling
 from ..quantized import is_linear_4bit, plain_linear_4bit, weight_4bit
 
 ALL_LINEAR = "all-linear"
@@ -129,12 +129,7 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float =
         raise TypeError(f"use_rslora: expected a bool, got {type_name(use_rslora)}")
     chosen = targeted_linears(model, target_modules)
     for name in chosen:  # checks adapter_dtype against every layer before anything changes
-        module = model.get_submodule(name)
-        if not is_linear_4bit(module):
-            check_adapter_dtype(adapter_dtype, module.weight.dtype)
-        elif adapter_dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"adapter_dtype: expected None, torch.float32, torch.float16 or torch.bfloat16 for the "
-                            f"4-bit layer {name!r}, got {adapter_dtype!r}")
+        check_adapter_dtype(adapter_dtype, base_dtype_of(model.get_submodule(name)))
     replace_linears(model, chosen, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
                     adapter_dtype=adapter_dtype)
     return model

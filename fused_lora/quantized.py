@@ -292,15 +292,6 @@ def weight_4bit(weight, name: str = "weight") -> Weight4bit:
                       nested_code, nested_absmax, nested_blocksize, offset, dtype)
 
 
-def bitsandbytes_layout(w4: Weight4bit) -> dict:
-    """Bytes of bitsandbytes' storage of ``w4``: packed weights, absmax, double-quantization statistics."""
-    numel = w4.numel
-    out = {"packed": (numel + 1) // 2, "absmax": w4.absmax.numel() * w4.absmax.element_size()}
-    if w4.nested:
-        out["nested_absmax"] = w4.nested_absmax.numel() * 4
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # Dequantization into the package's reused buffers
 # ---------------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ import torch
 from .ops.backends import backend_name_for, backend_ops
 from .checks import MAX_SCALING, check_dropout_p, check_lora_inputs, check_scaling, check_strided, type_name
 from .dropout import draw_seed
-from .function import FusedLoRAFunction, as_weight_4bit, seed_argument
-from .quantized import is_8bit, refuse_8bit
+from .function import FusedLoRAFunction, seed_argument
+from .quantized import as_weight_4bit, is_8bit, refuse_8bit
 
 TRITON_MAX_RANK = 256
 _warned_frozen = False

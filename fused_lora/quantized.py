@@ -292,6 +292,16 @@ def weight_4bit(weight, name: str = "weight") -> Weight4bit:
                       nested_code, nested_absmax, nested_blocksize, offset, dtype)
 
 
+def as_weight_4bit(weight) -> Weight4bit | None:
+    """The ``Weight4bit`` of a 4-bit weight (``Params4bit`` or ``Weight4bit``, read by ``weight_4bit``), or None
+    for anything else (a dense tensor: two type tests, for the eager hot path)."""
+    if type(weight) is Weight4bit:
+        return weight
+    if type(weight) is torch.Tensor or type(weight) is torch.nn.Parameter or not is_params_4bit(weight):
+        return None
+    return weight_4bit(weight)
+
+
 # ---------------------------------------------------------------------------------------------
 # Dequantization into the package's reused buffers
 # ---------------------------------------------------------------------------------------------

@@ -161,10 +161,8 @@ def lora_backward_4bit_tiled(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed,
     the caller dequantizes into a buffer and runs ``lora_backward`` instead."""
     if not needs_dx or not _tiled_4bit(dy, weight):
         return None
-    out_features, in_features = weight.shape
-    stand_in = dy.new_empty((1, 1)).expand(out_features, in_features)  # not read without dx
-    _, dA, dB = lora_backward(dy, x2d, stand_in, lora_A, lora_B, xa, scaling, seed, dropout_p, keep_bits,
-                              False, needs_dA, needs_dB)
+    _, dA, dB = lora_backward(dy, x2d, weight.dense_stand_in(dy.dtype), lora_A, lora_B, xa, scaling, seed,
+                              dropout_p, keep_bits, False, needs_dA, needs_dB)
     # dx = s D(dxa A) + dy W, as the aten path: the LoRA term first, the base GEMM accumulated onto it.
     dxa = torch.mm(dy, _as(lora_B, dy.dtype))
     lora = torch.mm(dxa, _as(lora_A, dy.dtype))

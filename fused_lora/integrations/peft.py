@@ -41,7 +41,7 @@ import torch.nn as nn
 from ..checks import HALF_DTYPES, SUPPORTED_DTYPES, check_dropout_p, check_rank, type_name
 from ..functional import TRITON_MAX_RANK, fused_lora_linear
 from ..layer import FusedLoRALinear, base_dtype_of, check_adapter_dtype, linear_problem, lora_scaling
-from ..quantized import is_linear_4bit, plain_linear_4bit, weight_4bit
+from ..quantized import is_linear_4bit
 
 ALL_LINEAR = "all-linear"
 _LOGGER = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def replacement_problem(model: nn.Module, name: str) -> str | None:
     module = model.get_submodule(name)
     if isinstance(module, FusedLoRALinear):
         return "already is a FusedLoRALinear"
-    problem = _linear_4bit_problem(module) if is_linear_4bit(module) else linear_problem(module)
+    problem = linear_problem(module)
     if problem is not None:
         return problem
     if _is_quantised(module) and not is_linear_4bit(module):
@@ -284,7 +284,7 @@ def fused_adapter(module, x: torch.Tensor | None = None) -> tuple[str | None, st
     base = children["base_layer"]
     four_bit = type(module) is not _FUSED_PEFT_LINEAR and is_linear_4bit(base)
     if four_bit:
-        reason = _linear_4bit_problem(base)
+        reason = linear_problem(base)
         if reason is not None:
             return None, f"its base layer {reason}"
     elif not _plain_linear(base):
@@ -320,19 +320,6 @@ def fused_adapter(module, x: torch.Tensor | None = None) -> tuple[str | None, st
     if x.device.type == "cuda" and weight_A.shape[0] > TRITON_MAX_RANK:
         return None, f"rank {weight_A.shape[0]} > {TRITON_MAX_RANK}, the triton kernels' limit"
     return adapter, None
-
-
-def _linear_4bit_problem(module) -> str | None:
-    """None when a FusedLoRALinear (or the fused op) computes what bitsandbytes' ``Linear4bit`` ``module``
-    does (input aside); else why not, as a phrase after the module's name."""
-    if not plain_linear_4bit(module):
-        return (f"is a {type(module).__module__}.{type(module).__qualname__} with its own or a patched forward, or "
-                f"with forward hooks (fused_lora takes a plain bitsandbytes Linear4bit)")
-    try:
-        weight_4bit(module.weight, "its weight")
-    except (TypeError, ValueError) as error:
-        return f"has a 4-bit weight fused_lora cannot read in place ({error})"
-    return None
 
 
 def _linear_4bit_dtype_reason(base, x: torch.Tensor, x_dtype) -> str | None:

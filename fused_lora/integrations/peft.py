@@ -233,12 +233,14 @@ def _autocast_dtype(tensor: torch.Tensor | None, device_type: str):
 
 
 def _plain_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` computing exactly ``F.linear``: no subclass forward, no patched forward, no hooks."""
+    """An ``nn.Linear`` computing exactly ``F.linear``: no subclass forward, no patched forward, no hooks (the
+    fused path never calls it, so its forward and backward hooks would not run)."""
     if type(module) is not nn.Linear and not (isinstance(module, nn.Linear)
                                               and type(module).forward is nn.Linear.forward):
         return False
     state = module.__dict__
-    if "forward" in state or state["_forward_hooks"] or state["_forward_pre_hooks"]:
+    if ("forward" in state or state["_forward_hooks"] or state["_forward_pre_hooks"] or state["_backward_hooks"]
+            or state["_backward_pre_hooks"]):
         return False
     weight = state["_parameters"].get("weight")
     if type(weight) is nn.Parameter and weight.dtype in SUPPORTED_DTYPES:
@@ -247,9 +249,12 @@ def _plain_linear(module: nn.Module) -> bool:
 
 
 def _global_module_hooks() -> bool:
-    """Forward hooks registered for every module (they would run around PEFT's base and adapter calls)."""
+    """Forward or backward hooks registered for every module (they would run around PEFT's base and adapter
+    calls)."""
     hooks = nn.modules.module
-    return bool(getattr(hooks, "_global_forward_hooks", None) or getattr(hooks, "_global_forward_pre_hooks", None))
+    return bool(getattr(hooks, "_global_forward_hooks", None) or getattr(hooks, "_global_forward_pre_hooks", None)
+                or getattr(hooks, "_global_backward_hooks", None)
+                or getattr(hooks, "_global_backward_pre_hooks", None))
 
 
 def fused_adapter(module, x: torch.Tensor | None = None) -> tuple[str | None, str | None]:
@@ -290,7 +295,7 @@ def fused_adapter(module, x: torch.Tensor | None = None) -> tuple[str | None, st
     elif not _plain_linear(base):
         return None, f"its base layer is a {type(base).__name__}, not a plain unquantised nn.Linear"
     if _global_module_hooks():
-        return None, "global module forward hooks are registered"
+        return None, "global module hooks are registered"
     if torch.is_grad_enabled() and (base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)):
         return None, "its base layer is trainable (fused_lora computes no gradient for it)"
     weight_A, weight_B = lora_A.weight, lora_B.weight

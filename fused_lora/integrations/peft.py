@@ -365,6 +365,13 @@ def _fused_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
                              training=bool(dropout.training), backend=module.fused_lora_backend)
 
 
+def _fused_class(name: str, peft_class: type, doc: str) -> type:
+    """A subclass ``name`` of the PEFT LoRA layer class ``peft_class`` whose forward is ``_fused_forward``."""
+    return type(name, (peft_class,), {"__module__": __name__, "__qualname__": name, "__doc__": doc,
+                                      "fused_lora_backend": None, "forward": _fused_forward,
+                                      "_peft_forward": peft_class.forward, "fused_adapter": fused_adapter})
+
+
 _FUSED_PEFT_LINEAR = None
 
 
@@ -372,18 +379,11 @@ def fused_peft_linear_type():
     """The class ``FusedPeftLinear``: PEFT's ``lora.Linear`` with a fused forward (created when peft is imported)."""
     global _FUSED_PEFT_LINEAR
     if _FUSED_PEFT_LINEAR is None:
-        _, peft_linear = _peft_lora_types()
-        _FUSED_PEFT_LINEAR = type("FusedPeftLinear", (peft_linear,), {
-            "__module__": __name__,
-            "__qualname__": "FusedPeftLinear",
-            "__doc__": "PEFT's ``lora.Linear``, whose forward runs ``fused_lora_linear`` when that computes what "
-                       "PEFT would\n(see ``fused_adapter``), and PEFT's own forward otherwise. "
-                       "``fused_lora_backend``: None (automatic) or a backend name.",
-            "fused_lora_backend": None,
-            "forward": _fused_forward,
-            "_peft_forward": peft_linear.forward,
-            "fused_adapter": fused_adapter,
-        })
+        _FUSED_PEFT_LINEAR = _fused_class(
+            "FusedPeftLinear", _peft_lora_types()[1],
+            "PEFT's ``lora.Linear``, whose forward runs ``fused_lora_linear`` when that computes what PEFT would\n"
+            "(see ``fused_adapter``), and PEFT's own forward otherwise. ``fused_lora_backend``: None (automatic) "
+            "or a backend name.")
     return _FUSED_PEFT_LINEAR
 
 
@@ -411,17 +411,11 @@ def fused_peft_linear_4bit_type():
 
             require_bitsandbytes()
             peft_linear_4bit = importlib.import_module("peft.tuners.lora.bnb").Linear4bit
-        _FUSED_PEFT_LINEAR_4BIT = type("FusedPeftLinear4bit", (peft_linear_4bit,), {
-            "__module__": __name__,
-            "__qualname__": "FusedPeftLinear4bit",
-            "__doc__": "PEFT's ``bnb.Linear4bit`` LoRA layer over a bitsandbytes 4-bit base, whose forward runs "
-                       "``fused_lora_linear``\n(the 4-bit weight read in place) when that computes what PEFT would "
-                       "(see ``fused_adapter``), and PEFT's own forward otherwise.",
-            "fused_lora_backend": None,
-            "forward": _fused_forward,
-            "_peft_forward": peft_linear_4bit.forward,
-            "fused_adapter": fused_adapter,
-        })
+        _FUSED_PEFT_LINEAR_4BIT = _fused_class(
+            "FusedPeftLinear4bit", peft_linear_4bit,
+            "PEFT's ``bnb.Linear4bit`` LoRA layer over a bitsandbytes 4-bit base, whose forward runs "
+            "``fused_lora_linear``\n(the 4-bit weight read in place) when that computes what PEFT would (see "
+            "``fused_adapter``), and PEFT's own forward otherwise.")
     return _FUSED_PEFT_LINEAR_4BIT
 
 

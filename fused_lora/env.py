@@ -56,12 +56,13 @@ def env_flag(name: str, default: bool = False, extra: tuple[str, ...] = ()) -> b
                      f"got {os.environ[name]!r}")
 
 
-def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
+def env_choice(name: str, choices: tuple[str, ...], default: str | None) -> str | None:
     """The choice ``name``: one of ``choices`` (lower-case words), ``default`` when unset or empty."""
     value = _value(name)
     if value is None:
         return default
     if value not in choices:
+        default_text = "" if default is None else f" {default!r}"
         raise ValueError(f"environment variable {name}: expected one of {choices} (any case; empty for the "
-                         f"default {default!r}), got {os.environ[name]!r}")
+                         f"default{default_text}), got {os.environ[name]!r}")
     return value

@@ -32,7 +32,7 @@ from .ops import custom_ops
 from .ops.backends import backend_ops, saves_keep_bits
 from .checks import MAX_SEED, check_dropout_p, check_seed, check_seed_tensor
 from .ops.torch_ops import accumulation_dtype
-from .quantized import Weight4bit, is_params_4bit, lora_backward_4bit, lora_forward_4bit, weight_4bit
+from .quantized import Weight4bit, as_weight_4bit, lora_backward_4bit, lora_forward_4bit
 
 
 def seed_argument(seed):
@@ -59,15 +59,6 @@ ONCE_DIFFERENTIABLE = (
 UNSAVED_X = (
     "with lora_A frozen, x is not saved for backward, so a second derivative of dB with respect to x "
     "could not even be detected; give lora_A requires_grad=True or leave create_graph off")
-
-
-def as_weight_4bit(weight):
-    """The ``Weight4bit`` of a 4-bit weight (``Params4bit`` or ``Weight4bit``), or None for a dense tensor."""
-    if type(weight) is Weight4bit:
-        return weight
-    if type(weight) is torch.Tensor or type(weight) is torch.nn.Parameter or not is_params_4bit(weight):
-        return None
-    return weight_4bit(weight)
 
 
 def _element(t: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,8 @@ import torch
 from .ops.backends import backend_name_for, backend_ops
 from .checks import MAX_SCALING, check_dropout_p, check_lora_inputs, check_scaling, check_strided, type_name
 from .dropout import draw_seed
-from .function import FusedLoRAFunction, as_weight_4bit, seed_argument
-from .quantized import is_8bit, refuse_8bit
+from .function import FusedLoRAFunction, seed_argument
+from .quantized import as_weight_4bit, is_8bit, refuse_8bit
 
 TRITON_MAX_RANK = 256
 _warned_frozen = False
@@ -68,7 +68,9 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if type(weight) is not torch.Tensor and type(weight) is not torch.nn.Parameter:
         w4 = as_weight_4bit(weight)
         if w4 is not None:
-            check_weight = _weight_stand_in(w4, x)
+            # NOTE: the checks read a 4-bit weight as its dense (N, K) self in x's dtype.
+            dtype = x.dtype if isinstance(x, torch.Tensor) and x.is_floating_point() else torch.float32
+            check_weight = w4.dense_stand_in(dtype)
         elif is_8bit(weight):
             refuse_8bit("weight", weight)
     check_lora_inputs(x, check_weight, bias, lora_A, lora_B)
@@ -121,13 +123,6 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         check_strided(x, check_weight, bias, lora_A, lora_B)
         raise
     return y2d if x.dim() == 2 else y2d.view(*x.shape[:-1], out_features)
-
-
-def _weight_stand_in(w4, x) -> torch.Tensor:
-    """A one-element tensor looking like the dense (N, K) weight in x's dtype, on the packed weight's device:
-    what the argument checks read of a 4-bit weight (its shape, dtype and device)."""
-    dtype = x.dtype if isinstance(x, torch.Tensor) and x.is_floating_point() else torch.float32
-    return w4.packed.new_empty((1, 1), dtype=dtype).expand(w4.shape)
 
 
 def _cpu_layer(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):

@@ -40,9 +40,14 @@ def linear_problem(linear: nn.Module) -> str | None:
     it (replacing the module would drop them); a weight that is not fp16/bf16/fp32/fp64 (a
     quantised layer). A subclass that keeps ``nn.Linear.forward`` is fine. Global hooks
     (``register_module_forward_hook``) stay: they run on the new module too.
+
+    The one quantised layer taken: bitsandbytes' ``Linear4bit``, held to the same rules against
+    ``Linear4bit.forward``, with a 4-bit weight fused_lora can read in place (``weight_4bit``).
     """
     if not isinstance(linear, nn.Linear):
         return f"is a {type(linear).__name__}, not a torch.nn.Linear"
+    if is_linear_4bit(linear):
+        return _linear_4bit_problem(linear)
     kind = type(linear)
     if kind.forward is not nn.Linear.forward:
         return (f"is a {kind.__module__}.{kind.__qualname__}, a subclass of torch.nn.Linear with its own "
@@ -50,11 +55,9 @@ def linear_problem(linear: nn.Module) -> str | None:
     state = linear.__dict__
     if "forward" in state:
         return "has a forward patched on the instance, which a FusedLoRALinear would not run"
-    for attribute, what in (("_forward_pre_hooks", "forward pre-hooks"), ("_forward_hooks", "forward hooks"),
-                            ("_backward_pre_hooks", "backward pre-hooks"), ("_backward_hooks", "backward hooks")):
-        hooks = state.get(attribute)
-        if hooks:
-            return f"has {len(hooks)} {what}, which a FusedLoRALinear replacing it would drop"
+    problem = _hooks_problem(state)
+    if problem is not None:
+        return problem
     weight = state["_parameters"].get("weight")
     if not isinstance(weight, torch.Tensor) or weight.dtype not in SUPPORTED_DTYPES:
         return (f"has a weight of dtype {getattr(weight, 'dtype', None)} (fused_lora supports float16, bfloat16, "
@@ -62,21 +65,63 @@ def linear_problem(linear: nn.Module) -> str | None:
     return None
 
 
-def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
-    """PEFT's default (``autocast_adapter_dtype=True``): fp32 adapters on fp16/bf16 bases, else the base's dtype."""
-    return torch.float32 if base_dtype in HALF_DTYPES else base_dtype
+def _hooks_problem(state: dict) -> str | None:
+    """Hooks registered on a module (its ``__dict__``), which replacing the module would drop."""
+    for attribute, what in (("_forward_pre_hooks", "forward pre-hooks"), ("_forward_hooks", "forward hooks"),
+                            ("_backward_pre_hooks", "backward pre-hooks"), ("_backward_hooks", "backward hooks")):
+        hooks = state.get(attribute)
+        if hooks:
+            return f"has {len(hooks)} {what}, which a FusedLoRALinear replacing it would drop"
+    return None
 
 
-def check_adapter_dtype(adapter_dtype, base_dtype: torch.dtype) -> torch.dtype:
+def _linear_4bit_problem(linear: nn.Module) -> str | None:
+    """``linear_problem`` of a bitsandbytes ``Linear4bit``."""
+    if not plain_linear_4bit(linear):
+        return (f"is a {type(linear).__module__}.{type(linear).__qualname__} with its own forward, a patched forward "
+                f"or forward hooks (fused_lora takes a plain bitsandbytes Linear4bit)")
+    problem = _hooks_problem(linear.__dict__)  # backward hooks: plain_linear_4bit looks at the forward only
+    if problem is not None:
+        return problem
+    try:
+        weight_4bit(linear.weight, "its weight")
+    except (TypeError, ValueError) as error:
+        return f"has a 4-bit weight fused_lora cannot read in place ({error})"
+    return None
+
+
+def base_dtype_of(linear: nn.Module) -> torch.dtype | None:
+    """What a linear layer's adapter dtypes depend on: its weight's dtype, or None for a bitsandbytes 4-bit
+    weight (a ``Linear4bit``, or a FusedLoRALinear over one), which computes in the input's dtype."""
+    weight = linear.weight
+    return None if is_params_4bit(weight) else weight.dtype
+
+
+def adapter_dtypes(base_dtype: torch.dtype | None) -> tuple[torch.dtype, ...]:
+    """The adapter dtypes the fused op takes with a base (and input) of ``base_dtype``, PEFT's default
+    (``autocast_adapter_dtype=True``) first: fp32 or the base's dtype on an fp16/bf16 base, else the
+    base's dtype; on a 4-bit base (``base_dtype`` None, see ``base_dtype_of``) fp32, fp16 or bf16."""
+    if base_dtype is None:
+        return (torch.float32, torch.float16, torch.bfloat16)
+    return (torch.float32, base_dtype) if base_dtype in HALF_DTYPES else (base_dtype,)
+
+
+def default_adapter_dtype(base_dtype: torch.dtype | None) -> torch.dtype:
+    """PEFT's default (``autocast_adapter_dtype=True``): fp32 adapters on fp16/bf16 and 4-bit bases, else the
+    base's dtype."""
+    return adapter_dtypes(base_dtype)[0]
+
+
+def check_adapter_dtype(adapter_dtype, base_dtype: torch.dtype | None) -> torch.dtype:
     """``adapter_dtype`` (None: ``default_adapter_dtype``) checked to be one the fused op takes with
-    a base (and input) of ``base_dtype``: the base's dtype, or fp32 on an fp16/bf16 base."""
+    a base (and input) of ``base_dtype`` (``adapter_dtypes``; None: a 4-bit base)."""
+    allowed = adapter_dtypes(base_dtype)
     if adapter_dtype is None:
-        return default_adapter_dtype(base_dtype)
-    allowed = (base_dtype, torch.float32) if base_dtype in HALF_DTYPES else (base_dtype,)
+        return allowed[0]
     if adapter_dtype not in allowed:
-        names = " or ".join(str(d) for d in allowed)
-        raise TypeError(f"adapter_dtype: expected None, {names} for a base of dtype {base_dtype}, "
-                        f"got {adapter_dtype!r}")
+        names = " or ".join(filter(None, (", ".join(str(d) for d in allowed[:-1]), str(allowed[-1]))))
+        base = "a 4-bit base" if base_dtype is None else f"a base of dtype {base_dtype}"
+        raise TypeError(f"adapter_dtype: expected None, {names} for {base}, got {adapter_dtype!r}")
     return adapter_dtype
 
 
@@ -270,47 +315,24 @@ class FusedLoRALinear(nn.Module):
         bf16 by ``adapter_dtype``), and it cannot be merged (that would requantize the weight). A
         ``Linear8bitLt`` is a ValueError naming it.
         """
-        if is_linear_4bit(linear):
-            return cls._from_linear_4bit(linear, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected a torch.nn.Linear, got {type(linear).__name__}")
         refuse_8bit("linear", linear)
         problem = linear_problem(linear)
         if problem is not None:
             raise ValueError(f"linear: the module {problem}")
+        base_dtype = base_dtype_of(linear)  # None: a 4-bit weight, computed in x's dtype
+        adapter_dtype = check_adapter_dtype(adapter_dtype, base_dtype)
+        # NOTE: built on the meta device, then given the linear's own tensors (a 4-bit base: adapter-dtype stand-ins).
         layer = cls(linear.in_features, linear.out_features, r=r, lora_alpha=lora_alpha,
                     lora_dropout=lora_dropout, bias=linear.bias is not None, use_rslora=use_rslora,
-                    device="meta", dtype=linear.weight.dtype, adapter_dtype=adapter_dtype)
+                    device="meta", dtype=base_dtype or adapter_dtype, adapter_dtype=adapter_dtype)
         linear.weight.requires_grad_(False)
         layer.weight = linear.weight
         if linear.bias is not None:
             linear.bias.requires_grad_(False)
             layer.bias = linear.bias
-        factory = {"device": linear.weight.device, "dtype": layer.lora_A.dtype}
-        layer.lora_A = nn.Parameter(torch.empty(layer.r, linear.in_features, **factory))
-        layer.lora_B = nn.Parameter(torch.empty(linear.out_features, layer.r, **factory))
-        layer.reset_lora_parameters()
-        return layer
-
-    @classmethod
-    def _from_linear_4bit(cls, linear, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype) -> "FusedLoRALinear":
-        if not plain_linear_4bit(linear):
-            raise ValueError(f"linear: a {type(linear).__name__} with its own forward, a patched forward or forward "
-                             f"hooks computes something other than bitsandbytes' Linear4bit; fused_lora takes only a "
-                             f"plain Linear4bit")
-        w4 = weight_4bit(linear.weight, "linear.weight")  # ValueError for what cannot be read in place
-        if adapter_dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"adapter_dtype: expected None, torch.float32, torch.float16 or torch.bfloat16 over a "
-                            f"4-bit base, got {adapter_dtype!r}")
-        adapter_dtype = adapter_dtype or torch.float32
-        layer = cls(linear.in_features, linear.out_features, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                    bias=linear.bias is not None, use_rslora=use_rslora, device="meta", dtype=adapter_dtype)
-        linear.weight.requires_grad_(False)
-        layer.weight = linear.weight
-        if linear.bias is not None:
-            linear.bias.requires_grad_(False)
-            layer.bias = linear.bias
-        factory = {"device": w4.device, "dtype": adapter_dtype}
+        factory = {"device": linear.weight.device, "dtype": adapter_dtype}
         layer.lora_A = nn.Parameter(torch.empty(layer.r, linear.in_features, **factory))
         layer.lora_B = nn.Parameter(torch.empty(linear.out_features, layer.r, **factory))
         layer.reset_lora_parameters()

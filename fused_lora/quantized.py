@@ -92,6 +92,11 @@ class Weight4bit:
     def numel(self) -> int:
         return self.shape[0] * self.shape[1]
 
+    def dense_stand_in(self, dtype: torch.dtype) -> torch.Tensor:
+        """A one-element tensor expanded to (N, K) in ``dtype`` on the packed weight's device: for code that
+        reads only a dense weight's shape, dtype and device (argument checks, a backward without dx)."""
+        return self.packed.new_empty((1, 1), dtype=dtype).expand(self.shape)
+
     def tensors(self) -> tuple:
         """(packed, absmax, code, nested_absmax, nested_code, offset): the tensors, for custom ops and
         save_for_backward (None where absent; a float offset becomes a 0-d fp32 tensor)."""
@@ -292,13 +297,14 @@ def weight_4bit(weight, name: str = "weight") -> Weight4bit:
                       nested_code, nested_absmax, nested_blocksize, offset, dtype)
 
 
-def bitsandbytes_layout(w4: Weight4bit) -> dict:
-    """Bytes of bitsandbytes' storage of ``w4``: packed weights, absmax, double-quantization statistics."""
-    numel = w4.numel
-    out = {"packed": (numel + 1) // 2, "absmax": w4.absmax.numel() * w4.absmax.element_size()}
-    if w4.nested:
-        out["nested_absmax"] = w4.nested_absmax.numel() * 4
-    return out
+def as_weight_4bit(weight) -> Weight4bit | None:
+    """The ``Weight4bit`` of a 4-bit weight (``Params4bit`` or ``Weight4bit``, read by ``weight_4bit``), or None
+    for anything else (a dense tensor: two type tests, for the eager hot path)."""
+    if type(weight) is Weight4bit:
+        return weight
+    if type(weight) is torch.Tensor or type(weight) is torch.nn.Parameter or not is_params_4bit(weight):
+        return None
+    return weight_4bit(weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,9 +410,8 @@ def lora_backward_4bit(backend: str, dy, x2d, w4: Weight4bit, lora_A, lora_B, xa
 
     ops = backend_ops(backend)
     if not needs_dx:
-        stand_in = w4.packed.new_empty((1, 1), dtype=dy.dtype).expand(w4.shape)  # a weight nobody reads
-        return ops.lora_backward(dy, x2d, stand_in, lora_A, lora_B, xa, scaling, seed, dropout_p, bits, False,
-                                 needs_dA, needs_dB)
+        return ops.lora_backward(dy, x2d, w4.dense_stand_in(dy.dtype), lora_A, lora_B, xa, scaling, seed, dropout_p,
+                                 bits, False, needs_dA, needs_dB)
     tiled = getattr(ops, "lora_backward_4bit_tiled", None)
     grads = tiled(dy, x2d, w4, lora_A, lora_B, xa, scaling, seed, dropout_p, bits, needs_dx, needs_dA,
                   needs_dB) if tiled is not None else None

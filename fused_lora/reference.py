@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import check_dropout_p, check_lora_inputs, check_scaling
-from .quantized import Weight4bit, dequantize, is_params_4bit
+from .quantized import dequantize, is_params_4bit
 
 
 def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -28,7 +28,7 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     bitsandbytes' matmul does; the pure-PyTorch dequantization, bit-exact against bitsandbytes'
     ``dequantize_4bit``), then the formula runs on it.
     """
-    if isinstance(weight, Weight4bit) or is_params_4bit(weight):
+    if is_params_4bit(weight):  # a Params4bit or a Weight4bit
         dtype = x.dtype if isinstance(x, torch.Tensor) and x.is_floating_point() else None
         weight = dequantize(weight, dtype, backend="torch")
     check_lora_inputs(x, weight, bias, lora_A, lora_B)

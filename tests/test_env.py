@@ -73,6 +73,23 @@ def test_triton_interpret_true_lets_the_triton_backend_run_on_cpu(monkeypatch):
         backends.backend_name_for(torch.device("cpu"), "triton")
 
 
+def test_backend_variable_is_a_choice_read_like_the_others(monkeypatch):
+    # Before: FUSED_LORA_BACKEND was read raw, so " Torch " raised where FUSED_LORA_CPU_PATH=" ATEN " worked.
+    cpu = torch.device("cpu")
+    for value in ("torch", "Torch", " TORCH "):
+        monkeypatch.setenv("FUSED_LORA_BACKEND", value)
+        assert backends.backend_name_for(cpu) == "torch"
+        assert backends.backend_name_for(cpu, "cpu") == "cpu"  # the argument wins
+    monkeypatch.delenv("FUSED_LORA_BACKEND")
+    automatic = backends.backend_name_for(cpu)
+    monkeypatch.setenv("FUSED_LORA_BACKEND", " ")  # blank: the automatic choice, as every variable's empty value
+    assert backends.backend_name_for(cpu) == automatic
+    monkeypatch.setenv("FUSED_LORA_BACKEND", "gpu")
+    with pytest.raises(ValueError, match=r"environment variable FUSED_LORA_BACKEND: expected one of "
+                                         r"\('triton', 'cpu', 'torch'\) \(any case; empty for the default\), got 'gpu'"):
+        backends.backend_name_for(cpu)
+
+
 def test_skip_ext_switch_in_the_package(monkeypatch):
     # The source-checkout guard is off with FUSED_LORA_SKIP_EXT on, in every spelling.
     monkeypatch.setattr(fused_lora, "_has_extension", lambda directory: False)

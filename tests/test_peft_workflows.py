@@ -275,6 +275,43 @@ def test_global_forward_hooks_see_peft_s_calls(fused_calls):
     assert_close_scaled("logits", ours, theirs, N_LOGITS)
 
 
+def _backward_hook_calls(model, register):
+    """The module classes whose backward hooks ran in one fwd+bwd of ``model``, hooks put by ``register``."""
+    seen = []
+
+    def hook(module, *args):
+        seen.append(type(module).__name__.replace("FusedPeftLinear", "Linear"))
+
+    handles = register(model, hook)
+    try:
+        _loss(model, token_batch()).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("where", ["base_layer", "lora_A", "global"])
+def test_backward_hooks_see_peft_s_calls(fused_calls, where):
+    # Before: the fused path skipped the calls of base_layer, lora_A and lora_B, so their backward hooks (and a
+    # global backward hook's calls on them) never ran on a converted model, silently.
+    def register(model, hook):
+        if where == "global":
+            return [nn.modules.module.register_module_full_backward_hook(hook)]
+        layer = model.base_model.model.model.layers[1].self_attn.q_proj  # its input needs a gradient
+        child = layer.base_layer if where == "base_layer" else layer.lora_A["default"]
+        return [child.register_full_backward_hook(hook)]
+
+    converted, plain = _twins()
+    ours = _backward_hook_calls(converted, register)
+    theirs = _backward_hook_calls(plain, register)
+    assert ours == theirs and theirs
+    if where == "global":
+        assert fused_calls == []
+    else:
+        assert len(fused_calls) == LAYERS - 1  # the other layers stay fused
+
+
 def test_adapters_on_disk_from_a_converted_model(tmp_path):
     from fused_lora import load_adapter, save_adapter
 

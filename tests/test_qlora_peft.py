@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fused_lora import FusedLoRALinear, apply_lora, dropout_mask, from_peft, lora_linear_reference
+from fused_lora import FusedLoRALinear, apply_lora, dropout_mask, from_peft, load_adapter, lora_linear_reference
 from fused_lora.dropout import draw_seed
 
 from tiny_models import TINY_LLAMA_4BIT, linear_4bit, randomise_parameters, tiny_llama, tiny_llama_4bit, token_batch
@@ -233,3 +233,22 @@ def test_trainer_with_a_4bit_model(tmp_path):
     expected = peft.get_peft_model_state_dict(peft_model)
     for key, value in peft.get_peft_model_state_dict(fused_model).items():
         assert_close_scaled(key, value, expected[key], 4000, c=64)
+
+
+def test_load_adapter_into_a_4bit_model(tmp_path):
+    # Before: load_adapter took a Linear4bit's uint8 storage dtype for its base dtype and refused the file
+    # ("holds torch.uint8 adapters"); a 4-bit base takes fp32 adapters (PEFT's default), as apply_lora makes.
+    peft_model = _tiny_peft_4bit()
+    peft_model.save_pretrained(tmp_path)
+    saved = peft.get_peft_model_state_dict(peft_model)
+    model = load_adapter(tiny_llama_4bit(0).train(), tmp_path)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, FusedLoRALinear)}
+    assert len(layers) == 6 and all(layer.is_4bit for layer in layers.values())
+    for name, layer in layers.items():
+        assert layer.lora_A.dtype == torch.float32
+        assert torch.equal(layer.lora_A, saved[f"base_model.model.{name}.lora_A.weight"]), name
+        assert torch.equal(layer.lora_B, saved[f"base_model.model.{name}.lora_B.weight"]), name
+    ids = token_batch()
+    with torch.no_grad():
+        expected = peft_model.train()(input_ids=ids).logits
+        assert_close_scaled("logits", model(input_ids=ids).logits, expected, 2000)

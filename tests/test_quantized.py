@@ -486,6 +486,22 @@ def test_unquantized_params4bit_and_linear4bit_subclasses_are_refused():
         FusedLoRALinear.from_linear(patched)
 
 
+@pytest.mark.parametrize("register", [nn.Module.register_full_backward_hook, nn.Module.register_full_backward_pre_hook],
+                         ids=["backward-hook", "backward-pre-hook"])
+def test_a_linear4bit_with_backward_hooks_is_refused_like_a_linear(register):
+    # Before: from_linear and apply_lora took it, and the FusedLoRALinear replacing it dropped the hooks silently
+    # (an nn.Linear with the same hooks was refused).
+    layer4 = linear_4bit(32, 64, seed=9)
+    register(layer4, lambda *args: None)
+    with pytest.raises(ValueError, match="linear: the module has 1 backward (pre-)?hooks"):
+        FusedLoRALinear.from_linear(layer4)
+    with pytest.raises(ValueError, match="target_modules: module '0' has 1 backward (pre-)?hooks"):
+        fused_lora.apply_lora(nn.Sequential(layer4), ["0"])
+    model = nn.Sequential(layer4, linear_4bit(32, 32, seed=10))
+    fused_lora.apply_lora(model, "all-linear")  # skips it, takes the plain one
+    assert model[0] is layer4 and isinstance(model[1], FusedLoRALinear) and model[1].is_4bit
+
+
 def test_the_cpu_inference_repacking_is_refused_clearly():
     """bitsandbytes repacks a Linear4bit's weight for its AVX512-BF16 CPU kernel (eval mode, an input that
     needs no grad): another layout, which fused_lora refuses by name (and PEFT's forward handles)."""

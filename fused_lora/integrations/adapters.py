@@ -21,8 +21,8 @@ import os
 import torch
 import torch.nn as nn
 
-from ..checks import HALF_DTYPES, SUPPORTED_DTYPES, is_finite_real, plain_number
-from ..layer import FusedLoRALinear, default_adapter_dtype, lora_scaling
+from ..checks import SUPPORTED_DTYPES, is_finite_real, plain_number
+from ..layer import FusedLoRALinear, adapter_dtypes, base_dtype_of, lora_scaling
 from .peft import lora_layers, matches_target, replace_linears, targeted_linears
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -260,7 +260,7 @@ def _expected_adapters(root: nn.Module, layers, config: dict, config_path: str) 
         except ValueError as error:
             raise ValueError(f"{config_path}: field 'target_modules': {error}") from None
         linears = [(name, root.get_submodule(name)) for name in chosen]
-        return [(name, linear.in_features, linear.out_features, linear.weight.dtype, None) for name, linear in linears]
+        return [(name, linear.in_features, linear.out_features, base_dtype_of(linear), None) for name, linear in linears]
     expected_scaling = lora_scaling(config["r"], config["lora_alpha"], config["use_rslora"])
     for name, layer in layers:
         if layer.merged:
@@ -284,17 +284,17 @@ _EXACT_CASTS = {
 }
 
 
-def _new_adapter_dtype(file_dtypes: set, base_dtype: torch.dtype) -> torch.dtype:
+def _new_adapter_dtype(file_dtypes: set, base_dtype: torch.dtype | None) -> torch.dtype:
     """The adapter dtype of a layer load_adapter makes: the file's, where the fused op takes it with
-    this base; else one that holds the file's values exactly; else PEFT's default (the values are
-    then checked to survive the cast)."""
-    allowed = (base_dtype, torch.float32) if base_dtype in HALF_DTYPES else (base_dtype,)
+    this base (``adapter_dtypes``; None: a 4-bit base); else one that holds the file's values exactly;
+    else PEFT's default (the values are then checked to survive the cast)."""
+    allowed = adapter_dtypes(base_dtype)
     if len(file_dtypes) == 1 and next(iter(file_dtypes)) in allowed:
         return next(iter(file_dtypes))
     for dtype in allowed:
         if all(dtype in _EXACT_CASTS[d] for d in file_dtypes):
             return dtype
-    return default_adapter_dtype(base_dtype)
+    return allowed[0]
 
 
 def _rounded_count(value: torch.Tensor, dtype: torch.dtype) -> int:
@@ -396,10 +396,10 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     restore = _Restore(root, layers)
     try:
         if not layers:
-            adapter_dtypes = {name: value.dtype for name, _, value in values}
+            layer_dtypes = {name: value.dtype for name, _, value in values}
             replace_linears(root, [entry[0] for entry in expected], r=config["r"],
                             lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"],
-                            use_rslora=config["use_rslora"], adapter_dtype=adapter_dtypes)
+                            use_rslora=config["use_rslora"], adapter_dtype=layer_dtypes)
         _copy_values(dict(lora_layers(root)), values)
         for _, layer in lora_layers(root):
             layer.lora_dropout = config["lora_dropout"]

@@ -40,8 +40,8 @@ import torch.nn as nn
 
 from ..checks import HALF_DTYPES, SUPPORTED_DTYPES, check_dropout_p, check_rank, type_name
 from ..functional import TRITON_MAX_RANK, fused_lora_linear
-from ..layer import FusedLoRALinear, check_adapter_dtype, linear_problem, lora_scaling
-from ..quantized import is_linear_4bit, plain_linear_4bit, weight_4bit
+from ..layer import FusedLoRALinear, base_dtype_of, check_adapter_dtype, linear_problem, lora_scaling
+from ..quantized import is_linear_4bit
 
 ALL_LINEAR = "all-linear"
 _LOGGER = logging.getLogger(__name__)
@@ -129,12 +129,7 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float =
         raise TypeError(f"use_rslora: expected a bool, got {type_name(use_rslora)}")
     chosen = targeted_linears(model, target_modules)
     for name in chosen:  # checks adapter_dtype against every layer before anything changes
-        module = model.get_submodule(name)
-        if not is_linear_4bit(module):
-            check_adapter_dtype(adapter_dtype, module.weight.dtype)
-        elif adapter_dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"adapter_dtype: expected None, torch.float32, torch.float16 or torch.bfloat16 for the "
-                            f"4-bit layer {name!r}, got {adapter_dtype!r}")
+        check_adapter_dtype(adapter_dtype, base_dtype_of(model.get_submodule(name)))
     replace_linears(model, chosen, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
                     adapter_dtype=adapter_dtype)
     return model
@@ -153,7 +148,7 @@ def replacement_problem(model: nn.Module, name: str) -> str | None:
     module = model.get_submodule(name)
     if isinstance(module, FusedLoRALinear):
         return "already is a FusedLoRALinear"
-    problem = _linear_4bit_problem(module) if is_linear_4bit(module) else linear_problem(module)
+    problem = linear_problem(module)
     if problem is not None:
         return problem
     if _is_quantised(module) and not is_linear_4bit(module):
@@ -238,12 +233,14 @@ def _autocast_dtype(tensor: torch.Tensor | None, device_type: str):
 
 
 def _plain_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` computing exactly ``F.linear``: no subclass forward, no patched forward, no hooks."""
+    """An ``nn.Linear`` computing exactly ``F.linear``: no subclass forward, no patched forward, no hooks (the
+    fused path never calls it, so its forward and backward hooks would not run)."""
     if type(module) is not nn.Linear and not (isinstance(module, nn.Linear)
                                               and type(module).forward is nn.Linear.forward):
         return False
     state = module.__dict__
-    if "forward" in state or state["_forward_hooks"] or state["_forward_pre_hooks"]:
+    if ("forward" in state or state["_forward_hooks"] or state["_forward_pre_hooks"] or state["_backward_hooks"]
+            or state["_backward_pre_hooks"]):
         return False
     weight = state["_parameters"].get("weight")
     if type(weight) is nn.Parameter and weight.dtype in SUPPORTED_DTYPES:
@@ -252,9 +249,12 @@ def _plain_linear(module: nn.Module) -> bool:
 
 
 def _global_module_hooks() -> bool:
-    """Forward hooks registered for every module (they would run around PEFT's base and adapter calls)."""
+    """Forward or backward hooks registered for every module (they would run around PEFT's base and adapter
+    calls)."""
     hooks = nn.modules.module
-    return bool(getattr(hooks, "_global_forward_hooks", None) or getattr(hooks, "_global_forward_pre_hooks", None))
+    return bool(getattr(hooks, "_global_forward_hooks", None) or getattr(hooks, "_global_forward_pre_hooks", None)
+                or getattr(hooks, "_global_backward_hooks", None)
+                or getattr(hooks, "_global_backward_pre_hooks", None))
 
 
 def fused_adapter(module, x: torch.Tensor | None = None) -> tuple[str | None, str | None]:
@@ -289,13 +289,13 @@ def fused_adapter(module, x: torch.Tensor | None = None) -> tuple[str | None, st
     base = children["base_layer"]
     four_bit = type(module) is not _FUSED_PEFT_LINEAR and is_linear_4bit(base)
     if four_bit:
-        reason = _linear_4bit_problem(base)
+        reason = linear_problem(base)
         if reason is not None:
             return None, f"its base layer {reason}"
     elif not _plain_linear(base):
         return None, f"its base layer is a {type(base).__name__}, not a plain unquantised nn.Linear"
     if _global_module_hooks():
-        return None, "global module forward hooks are registered"
+        return None, "global module hooks are registered"
     if torch.is_grad_enabled() and (base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)):
         return None, "its base layer is trainable (fused_lora computes no gradient for it)"
     weight_A, weight_B = lora_A.weight, lora_B.weight
@@ -325,19 +325,6 @@ def fused_adapter(module, x: torch.Tensor | None = None) -> tuple[str | None, st
     if x.device.type == "cuda" and weight_A.shape[0] > TRITON_MAX_RANK:
         return None, f"rank {weight_A.shape[0]} > {TRITON_MAX_RANK}, the triton kernels' limit"
     return adapter, None
-
-
-def _linear_4bit_problem(module) -> str | None:
-    """None when a FusedLoRALinear (or the fused op) computes what bitsandbytes' ``Linear4bit`` ``module``
-    does (input aside); else why not, as a phrase after the module's name."""
-    if not plain_linear_4bit(module):
-        return (f"is a {type(module).__module__}.{type(module).__qualname__} with its own or a patched forward, or "
-                f"with forward hooks (fused_lora takes a plain bitsandbytes Linear4bit)")
-    try:
-        weight_4bit(module.weight, "its weight")
-    except (TypeError, ValueError) as error:
-        return f"has a 4-bit weight fused_lora cannot read in place ({error})"
-    return None
 
 
 def _linear_4bit_dtype_reason(base, x: torch.Tensor, x_dtype) -> str | None:
@@ -378,6 +365,13 @@ def _fused_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
                              training=bool(dropout.training), backend=module.fused_lora_backend)
 
 
+def _fused_class(name: str, peft_class: type, doc: str) -> type:
+    """A subclass ``name`` of the PEFT LoRA layer class ``peft_class`` whose forward is ``_fused_forward``."""
+    return type(name, (peft_class,), {"__module__": __name__, "__qualname__": name, "__doc__": doc,
+                                      "fused_lora_backend": None, "forward": _fused_forward,
+                                      "_peft_forward": peft_class.forward, "fused_adapter": fused_adapter})
+
+
 _FUSED_PEFT_LINEAR = None
 
 
@@ -385,18 +379,11 @@ def fused_peft_linear_type():
     """The class ``FusedPeftLinear``: PEFT's ``lora.Linear`` with a fused forward (created when peft is imported)."""
     global _FUSED_PEFT_LINEAR
     if _FUSED_PEFT_LINEAR is None:
-        _, peft_linear = _peft_lora_types()
-        _FUSED_PEFT_LINEAR = type("FusedPeftLinear", (peft_linear,), {
-            "__module__": __name__,
-            "__qualname__": "FusedPeftLinear",
-            "__doc__": "PEFT's ``lora.Linear``, whose forward runs ``fused_lora_linear`` when that computes what "
-                       "PEFT would\n(see ``fused_adapter``), and PEFT's own forward otherwise. "
-                       "``fused_lora_backend``: None (automatic) or a backend name.",
-            "fused_lora_backend": None,
-            "forward": _fused_forward,
-            "_peft_forward": peft_linear.forward,
-            "fused_adapter": fused_adapter,
-        })
+        _FUSED_PEFT_LINEAR = _fused_class(
+            "FusedPeftLinear", _peft_lora_types()[1],
+            "PEFT's ``lora.Linear``, whose forward runs ``fused_lora_linear`` when that computes what PEFT would\n"
+            "(see ``fused_adapter``), and PEFT's own forward otherwise. ``fused_lora_backend``: None (automatic) "
+            "or a backend name.")
     return _FUSED_PEFT_LINEAR
 
 
@@ -424,17 +411,11 @@ def fused_peft_linear_4bit_type():
 
             require_bitsandbytes()
             peft_linear_4bit = importlib.import_module("peft.tuners.lora.bnb").Linear4bit
-        _FUSED_PEFT_LINEAR_4BIT = type("FusedPeftLinear4bit", (peft_linear_4bit,), {
-            "__module__": __name__,
-            "__qualname__": "FusedPeftLinear4bit",
-            "__doc__": "PEFT's ``bnb.Linear4bit`` LoRA layer over a bitsandbytes 4-bit base, whose forward runs "
-                       "``fused_lora_linear``\n(the 4-bit weight read in place) when that computes what PEFT would "
-                       "(see ``fused_adapter``), and PEFT's own forward otherwise.",
-            "fused_lora_backend": None,
-            "forward": _fused_forward,
-            "_peft_forward": peft_linear_4bit.forward,
-            "fused_adapter": fused_adapter,
-        })
+        _FUSED_PEFT_LINEAR_4BIT = _fused_class(
+            "FusedPeftLinear4bit", peft_linear_4bit,
+            "PEFT's ``bnb.Linear4bit`` LoRA layer over a bitsandbytes 4-bit base, whose forward runs "
+            "``fused_lora_linear``\n(the 4-bit weight read in place) when that computes what PEFT would (see "
+            "``fused_adapter``), and PEFT's own forward otherwise.")
     return _FUSED_PEFT_LINEAR_4BIT
 
 

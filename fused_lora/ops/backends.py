@@ -104,7 +104,7 @@ def backend_name_for(device: torch.device, backend: str | None = None) -> str:
     """The backend that runs a call on ``device``; raises if a named backend cannot."""
     source = "backend"
     if backend is None:
-        backend = os.environ.get(ENV_VAR) or None
+        backend = env_choice(ENV_VAR, BACKEND_NAMES, None)  # a ValueError naming the variable for a bad value
         source = f"environment variable {ENV_VAR}"
     if backend is None:
         if device.type == "cuda" and _triton_runs_on(device):

@@ -105,15 +105,21 @@ def keep_mask(seed: int, rows: int, cols: int, dropout_p: float, device) -> torc
     return mask.to(device)
 
 
+def _quant_args(weight) -> tuple:
+    """A ``Weight4bit`` as the C++ 4-bit functions take it: (packed, absmax, code, nested_absmax, nested_code,
+    offset, blocksize, nested_blocksize), the nested parts None (offset 0.0) without double quantization."""
+    if not weight.nested:
+        return weight.packed, weight.absmax, weight.code, None, None, 0.0, weight.blocksize, 0
+    offset = weight.offset
+    offset = offset.item() if isinstance(offset, torch.Tensor) else float(offset)
+    return (weight.packed, weight.absmax, weight.code, weight.nested_absmax, weight.nested_code, offset,
+            weight.blocksize, weight.nested_blocksize)
+
+
 def dequantize_4bit(weight, out: torch.Tensor) -> torch.Tensor:
     """``out`` (N, K) = the dense weight of a 4-bit ``Weight4bit`` (csrc/dequantize_4bit.cpp; bit-exact
     against the torch backend's and bitsandbytes' ``dequantize_4bit``)."""
-    offset = weight.offset
-    if weight.nested:
-        offset = float(offset) if not isinstance(offset, torch.Tensor) else offset.item()
-        return _C.dequantize_4bit(weight.packed, weight.absmax, weight.code, weight.nested_absmax,
-                                  weight.nested_code, offset, weight.blocksize, weight.nested_blocksize, out)
-    return _C.dequantize_4bit(weight.packed, weight.absmax, weight.code, None, None, 0.0, weight.blocksize, 0, out)
+    return _C.dequantize_4bit(*_quant_args(weight), out)
 
 
 # NOTE: a 4-bit base with few rows runs its base GEMMs dequantizing W tile by tile in cache (_C.gemm_4bit)
@@ -133,13 +139,7 @@ def _tiled_4bit(x2d, weight) -> bool:
 
 
 def _gemm_4bit(a, weight, out, transposed):
-    nested = weight.nested
-    offset = weight.offset if nested else 0.0
-    if isinstance(offset, torch.Tensor):
-        offset = offset.item()
-    return _C.gemm_4bit(a, weight.packed, weight.absmax, weight.code, weight.nested_absmax if nested else None,
-                        weight.nested_code if nested else None, float(offset), weight.blocksize,
-                        weight.nested_blocksize, weight.shape[0], weight.shape[1], transposed, out)
+    return _C.gemm_4bit(a, *_quant_args(weight), weight.shape[0], weight.shape[1], transposed, out)
 
 
 def lora_forward_4bit_tiled(x2d, weight, bias, lora_B, xa, scaling):
@@ -161,10 +161,8 @@ def lora_backward_4bit_tiled(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed,
     the caller dequantizes into a buffer and runs ``lora_backward`` instead."""
     if not needs_dx or not _tiled_4bit(dy, weight):
         return None
-    out_features, in_features = weight.shape
-    stand_in = dy.new_empty((1, 1)).expand(out_features, in_features)  # not read without dx
-    _, dA, dB = lora_backward(dy, x2d, stand_in, lora_A, lora_B, xa, scaling, seed, dropout_p, keep_bits,
-                              False, needs_dA, needs_dB)
+    _, dA, dB = lora_backward(dy, x2d, weight.dense_stand_in(dy.dtype), lora_A, lora_B, xa, scaling, seed,
+                              dropout_p, keep_bits, False, needs_dA, needs_dB)
     # dx = s D(dxa A) + dy W, as the aten path: the LoRA term first, the base GEMM accumulated onto it.
     dxa = torch.mm(dy, _as(lora_B, dy.dtype))
     lora = torch.mm(dxa, _as(lora_A, dy.dtype))

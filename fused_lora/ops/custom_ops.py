@@ -95,23 +95,32 @@ def lora_backward(dy: Tensor, x2d: Optional[Tensor], weight: Tensor, lora_A: Ten
                   needs_dx: bool, needs_dA: bool, needs_dB: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dA, dB)``; each one not asked for is an empty (0,) tensor."""
     with _no_autocast(dy.device):
-        dx, dA, dB = backend_ops(backend).lora_backward(
+        grads = backend_ops(backend).lora_backward(
             dy, x2d, weight, lora_A, lora_B, xa, scaling, _seed_arg(seed, backend), dropout_p,
             keep_bits if keep_bits.numel() else None, needs_dx, needs_dA, needs_dB)
+    return _grads_or_empty(dy, lora_A, lora_B, *grads)
+
+
+def _grads_or_empty(dy, lora_A, lora_B, dx, dA, dB):
+    """(dx, dA, dB) with an empty (0,) tensor for each one that is None (not asked for)."""
     # NOTE: a fresh empty tensor for each absent output: custom-op outputs may not alias each other.
     return (dx if dx is not None else dy.new_empty((0,)),
             dA if dA is not None else lora_A.new_empty((0,)),
             dB if dB is not None else lora_B.new_empty((0,)))
 
 
-@lora_backward.register_fake
-def _lora_backward_fake(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_p, keep_bits,
-                        needs_dx, needs_dA, needs_dB, backend):
-    T, K = dy.shape[0], weight.shape[1]
-    dx = dy.new_empty((T, K) if needs_dx else (0,))
+def _grads_fake(dy, lora_A, lora_B, in_features, needs_dx, needs_dA, needs_dB):
+    """The fake (dx, dA, dB) of a backward op: (T, K), lora_A's and lora_B's shapes, or (0,) where not asked for."""
+    dx = dy.new_empty((dy.shape[0], in_features) if needs_dx else (0,))
     dA = lora_A.new_empty(tuple(lora_A.shape) if needs_dA else (0,))
     dB = lora_B.new_empty(tuple(lora_B.shape) if needs_dB else (0,))
     return dx, dA, dB
+
+
+@lora_backward.register_fake
+def _lora_backward_fake(dy, x2d, weight, lora_A, lora_B, xa, scaling, seed, dropout_p, keep_bits,
+                        needs_dx, needs_dA, needs_dB, backend):
+    return _grads_fake(dy, lora_A, lora_B, weight.shape[1], needs_dx, needs_dA, needs_dB)
 
 
 def _weight_4bit(packed, absmax, code, nested_absmax, nested_code, offset, out_features, in_features, blocksize,
@@ -150,20 +159,13 @@ def lora_backward_4bit(dy: Tensor, x2d: Optional[Tensor], packed: Tensor, absmax
                       nested_blocksize, quant_type, quant_dtype)
     bits = keep_bits if keep_bits.numel() else None
     with _no_autocast(dy.device):
-        dx, dA, dB = quantized.lora_backward_4bit(backend, dy, x2d, w4, lora_A, lora_B, xa, scaling,
-                                                  _seed_arg(seed, backend), dropout_p, bits, needs_dx, needs_dA,
-                                                  needs_dB)
-    return (dx if dx is not None else dy.new_empty((0,)),
-            dA if dA is not None else lora_A.new_empty((0,)),
-            dB if dB is not None else lora_B.new_empty((0,)))
+        grads = quantized.lora_backward_4bit(backend, dy, x2d, w4, lora_A, lora_B, xa, scaling,
+                                             _seed_arg(seed, backend), dropout_p, bits, needs_dx, needs_dA, needs_dB)
+    return _grads_or_empty(dy, lora_A, lora_B, *grads)
 
 
 @lora_backward_4bit.register_fake
 def _lora_backward_4bit_fake(dy, x2d, packed, absmax, code, nested_absmax, nested_code, offset, out_features,
                              in_features, blocksize, nested_blocksize, quant_type, quant_dtype, lora_A, lora_B, xa,
                              scaling, seed, dropout_p, keep_bits, needs_dx, needs_dA, needs_dB, backend):
-    T = dy.shape[0]
-    dx = dy.new_empty((T, in_features) if needs_dx else (0,))
-    dA = lora_A.new_empty(tuple(lora_A.shape) if needs_dA else (0,))
-    dB = lora_B.new_empty(tuple(lora_B.shape) if needs_dB else (0,))
-    return dx, dA, dB
+    return _grads_fake(dy, lora_A, lora_B, in_features, needs_dx, needs_dA, needs_dB)

@@ -117,12 +117,12 @@ def _strategies(plan_tma_ok: bool, K, N, mask, configs, device):
     from fused_lora.ops.triton_ops import tuning
 
     if configs == "tuned":
-        found = tuning._gemm_candidates(device, _dtype(), rank_block(RANK), plan_tma_ok, TOKENS,
-                                        None if mask == "none" else mask)
-        pointer = tuning.INTERPRETER_GEMM_CONFIG if DEVICE != "cuda" else \
-            POINTER_GEMM_CONFIGS[tuning.TUNED_POINTER["long"][0]]
-        if not any(kind == "pointer" for _, kind, _ in found):
-            found.append((f"pointer:{pointer.label()}", "pointer", pointer))
+        # The mask as the dx plan names it (tuning._gemm_candidates): "seed-odd" where K % 8 != 0.
+        mask = None if mask == "none" else ("seed-odd" if mask == "seed" and K % 8 else mask)
+        found = tuning._gemm_candidates(device, _dtype(), rank_block(RANK), plan_tma_ok, TOKENS, mask)
+        if not any(kind == "pointer" for _, kind, _ in found):  # TMA candidates: add the launcher's pointer kernel
+            pointer = tuning._gemm_candidates(device, _dtype(), rank_block(RANK), False, TOKENS, mask)
+            found.append(next(c for c in pointer if c[1] == "pointer"))
         return found
     strategies = [(f"tma:{TMA_GEMM_CONFIGS[i].label()}", "tma", TMA_GEMM_CONFIGS[i]) for i in configs]
     return strategies + [(f"pointer:{POINTER_GEMM_CONFIGS[0].label()}", "pointer", POINTER_GEMM_CONFIGS[0]),

@@ -304,7 +304,9 @@ def dequant_4bit_variants(dtypes):
     for dtype, (T, K) in itertools.product(outputs, [(16, K_REP), (64, K_REP + 4)]):
         config = forward_4bit_config(T, 64, K, TORCH_DTYPES[dtype].itemsize)
         precision = "ieee" if dtype == "fp32" else "tf32"
-        constexprs, options = forward_4bit_launch_options(64, "nf4", True, 256, True, True, precision, 16, config)
+        lora = _lora_precision(TORCH_DTYPES[dtype], torch.float32, gemm=True)  # fp32 lora_B, PEFT's default
+        constexprs, options = forward_4bit_launch_options(64, "nf4", True, 256, True, True, precision, lora, 16,
+                                                          config)
         R, N = 16, N_REP
         f32 = ("ptr", "fp32")
         yield Variant(f"lora_fwd_4bit[{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']}] {dtype} nf4 nested "

@@ -117,8 +117,7 @@ def _strategies(plan_tma_ok: bool, K, N, mask, configs, device):
     from fused_lora.ops.triton_ops import tuning
 
     if configs == "tuned":
-        # The mask as the dx plan names it (tuning._gemm_candidates): "seed-odd" where K % 8 != 0.
-        mask = None if mask == "none" else ("seed-odd" if mask == "seed" and K % 8 else mask)
+        mask = tuning._dx_mask(mask != "none", mask == "bits", K % 8 == 0)  # as the dx plan names it
         found = tuning._gemm_candidates(device, _dtype(), rank_block(RANK), plan_tma_ok, TOKENS, mask)
         if not any(kind == "pointer" for _, kind, _ in found):  # TMA candidates: add the launcher's pointer kernel
             pointer = tuning._gemm_candidates(device, _dtype(), rank_block(RANK), False, TOKENS, mask)

@@ -304,7 +304,7 @@ class _BackwardPlan:
         if needs_dx:
             self.tma_ok = (_tma_possible(device, dtype, R) and _tma_rows_ok(dy) and _tma_rows_ok(weight)
                            and (K * dy.element_size()) % 16 == 0)
-            mask = ("bits" if from_bits else "seed" if K % 8 == 0 else "seed-odd") if has_dropout else None
+            mask = tuning._dx_mask(has_dropout, from_bits, K % 8 == 0)
             candidates = tuning._gemm_candidates(device, dtype, block_r, self.tma_ok, T, mask)
             op_key = ("dx", device, dtype, lora_A.dtype, N, K, R, has_dropout, from_bits, self.tma_ok,
                       tuning._shape_class(T))

@@ -193,6 +193,14 @@ def _rank_class(block_r: int) -> int:
     return 16 if block_r <= 16 else 64
 
 
+def _dx_mask(has_dropout: bool, from_bits: bool, k_aligned: bool):
+    """How the dx GEMM gets its mask, as ``_gemm_candidates`` names it: None (no dropout), "bits"
+    (the shrink's packed keep bits), "seed" or, where K % 8 != 0, "seed-odd" (regenerated)."""
+    if not has_dropout:
+        return None
+    return "bits" if from_bits else "seed" if k_aligned else "seed-odd"
+
+
 def _gemm_candidates(device, dtype, block_r, tma_ok, rows, mask=None):
     """[(label, kind, config)] the tuner may time; the first is the heuristic default.
 

@@ -18,7 +18,7 @@ import triton
 
 from ...kernels.common import rank_block
 from ...kernels.lora_fwd_4bit import _lora_fwd_4bit_kernel
-from .dequant import _checked_weight, _weight_arguments, _weight_key
+from .dequant import _checked_weight, _weight_arguments, _weight_key, _weight_layout, weight_constexprs
 from .launch import _aligned, _grid_device, _input_precision, _Launch, _lora_precision
 from .plans import _PlanCache
 
@@ -41,9 +41,8 @@ def forward_4bit_launch_options(blocksize: int, quant_type: str, nested: bool, n
     """(constexprs, launch options); also what tools/compile_kernels.py compiles. ``lora``: the LoRA
     expand's LORA_FP32 and LORA_PRECISION (``launch._lora_precision(x dtype, lora_B dtype, gemm=True)``,
     as for ``lora_forward``'s GEMM)."""
-    constexprs = dict(BLOCKSIZE=blocksize, IS_FP4=quant_type == "fp4", NESTED=nested,
-                      NESTED_BLOCKSIZE=nested_blocksize, OFFSET_FROM_PTR=offset_from_ptr, HAS_BIAS=has_bias,
-                      INPUT_PRECISION=input_precision, **lora, BLOCK_R=block_r, **config)
+    constexprs = dict(weight_constexprs(blocksize, quant_type, nested, nested_blocksize, offset_from_ptr),
+                      HAS_BIAS=has_bias, INPUT_PRECISION=input_precision, **lora, BLOCK_R=block_r, **config)
     # NOTE: no FMA contraction, as in dequantize_4bit: the nested absmax keeps two roundings.
     return constexprs, dict(num_warps=4, num_stages=2, enable_fp_fusion=False)
 
@@ -86,12 +85,10 @@ def lora_forward_4bit(x2d, weight, bias, lora_B, xa, scaling: float) -> torch.Te
            precision) + _weight_key(weight, packed, offset_tensor)
     plan = _FORWARD_4BIT_PLANS.get(key)
     if plan is None:
-        nested = bool(weight.nested)
         config = forward_4bit_config(T, weight.blocksize, K, x2d.element_size())
         lora = _lora_precision(x2d.dtype, lora_B.dtype, gemm=True)
-        constexprs, options = forward_4bit_launch_options(
-            weight.blocksize, weight.quant_type, nested, weight.nested_blocksize if nested else 1,
-            offset_tensor is not None, bias is not None, precision, lora, rank_block(R), config)
+        constexprs, options = forward_4bit_launch_options(*_weight_layout(weight, offset_tensor), bias is not None,
+                                                          precision, lora, rank_block(R), config)
         grid = (triton.cdiv(T, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
         plan = _FORWARD_4BIT_PLANS.put(key, _Launch(_lora_fwd_4bit_kernel, grid, constexprs, options,
                                                     device_index=_grid_device(x2d.device)))

@@ -200,7 +200,7 @@ class _ForwardPlan:
             return x2d, weight, bias, lora_B, xa, torch.empty((T, N), dtype=x2d.dtype, device=x2d.device)
 
         self.label, self.strategy = tuning._choose(op_key, candidates, lambda kind, config: self._build(
-            kind, config, x2d, weight, lora_B, xa, scaling), run_args, T, x2d.device)
+            kind, config, x2d, weight, lora_B, xa, scaling), run_args, x2d.device)
 
     def _build(self, kind, config: GemmConfig, x2d, weight, lora_B, xa, scaling):
         T, K = x2d.shape
@@ -322,7 +322,7 @@ class _BackwardPlan:
 
             self.dx_args = dx_args
             self.dx_label, self.dx_strategy = tuning._choose(op_key, candidates, lambda kind, config: self._build_dx(
-                kind, config, dy, weight, lora_A, dx_args), run_args, T, device)
+                kind, config, dy, weight, lora_A, dx_args), run_args, device)
 
         # Step 5: dA = scaling * dxa^T D(x), split over T.
         if needs_dA:

@@ -227,11 +227,6 @@ def _gemm_candidates(device, dtype, block_r, tma_ok, rows, mask=None):
     return candidates
 
 
-def _default_candidate(candidates, rows):
-    """The heuristic choice: the first candidate (the preferred kind's first config for this length)."""
-    return candidates[0]
-
-
 @contextlib.contextmanager
 def timing_runs():
     """Inside this block a GEMM whose shape class is not decided yet in this process times its
@@ -335,7 +330,7 @@ def _capturing(device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _choose(op_key, candidates, build, run_args, rows, device):
+def _choose(op_key, candidates, build, run_args, device):
     """The strategy for one plan: ``(label, callable)``, decided once per shape class.
 
     Where the choice comes from, in order: the decision this process already made for the
@@ -358,7 +353,7 @@ def _choose(op_key, candidates, build, run_args, rows, device):
         label = _TUNED.get(op_key)
         if label in by_label:
             return label, build(*by_label[label][1:])
-        default = _default_candidate(candidates, rows)
+        default = candidates[0]  # the heuristic choice (_gemm_candidates puts it first)
         capturing = _capturing(device)
         if compile_only():
             mode, source = "compile", "default (FUSED_LORA_AUTOTUNE=compile)"

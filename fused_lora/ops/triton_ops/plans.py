@@ -188,7 +188,6 @@ class _ForwardPlan:
         self.device = x2d.device
         self.dtype = x2d.dtype
         self.has_bias = bias is not None
-        self.scaling = scaling
         self.block_r = rank_block(R)
         self.tma_ok = (_tma_possible(x2d.device, x2d.dtype, R) and _tma_rows_ok(x2d) and _tma_rows_ok(weight)
                        and (N * x2d.element_size()) % 16 == 0)
@@ -338,7 +337,6 @@ class _BackwardPlan:
                 dict(HAS_DROPOUT=has_dropout, MASK_FROM_BITS=from_bits, K_ALIGNED=K % 8 == 0, IS_FP64=is_fp64,
                      **da_lora, BLOCK_M=da_m, BLOCK_K=da_k, BLOCK_R=block_r),
                 dict(num_warps=da_warps, num_stages=da_stages), gd)
-            self.da_x_strides = None  # filled per call (x is the saved input; its strides are in the key)
             self.da_static_tail = (R * K, K, 1, triton.cdiv(K, 8), threshold, dscale_hi, dscale_lo)
             self.da_sum = _Launch(_sum_partials_kernel, (triton.cdiv(R * K, reduce_block),),
                                   dict(IS_FP64=is_fp64, BLOCK=reduce_block), dict(num_warps=4), gd)

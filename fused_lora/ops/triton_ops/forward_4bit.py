@@ -19,7 +19,7 @@ import triton
 from ...kernels.common import rank_block
 from ...kernels.lora_fwd_4bit import _lora_fwd_4bit_kernel
 from .dequant import _checked_weight, _weight_arguments, _weight_key, _weight_layout, weight_constexprs
-from .launch import _aligned, _grid_device, _input_precision, _Launch, _lora_precision
+from .launch import _aligned, _columns_fit_int32, _grid_device, _input_precision, _Launch, _lora_precision
 from .plans import _PlanCache
 
 X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -74,6 +74,8 @@ def lora_forward_4bit(x2d, weight, bias, lora_B, xa, scaling: float) -> torch.Te
     (the contract's ``Weight4bit``) rounded to x's dtype; xa (T, R) fp32 from ``lora_shrink``."""
     packed, n, offset_tensor, offset = _checked_weight(weight)
     T, N, K, R = _check_operands(x2d, tuple(weight.shape), bias, lora_B, xa, packed.device)
+    if not _columns_fit_int32(x2d):  # the kernel indexes columns in 32 bits (launch._columns_fit_int32)
+        x2d = x2d.contiguous()
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
     y = torch.empty((T, N), dtype=x2d.dtype, device=x2d.device)

@@ -19,8 +19,8 @@ from ...kernels.lora_bwd import (_lora_bwd_da_kernel, _lora_bwd_dx_kernel, _lora
 from ...kernels.lora_fwd import _lora_fwd_kernel, _lora_fwd_tma_kernel
 from ...kernels.lora_shrink import _lora_shrink_kernel
 from . import tuning
-from .launch import (TensorDescriptor, _aligned, _device_facts, _dropout_scalars, _grid_device, _index,
-                     _input_precision, _Launch, _lora_precision, _split_float, accumulation_dtype, force_tma)
+from .launch import (TensorDescriptor, _aligned, _columns_fit_int32, _device_facts, _dropout_scalars, _grid_device,
+                     _index, _input_precision, _Launch, _lora_precision, _split_float, accumulation_dtype, force_tma)
 from .tuning import TMA_MAX_RANK_BLOCK
 
 PLAN_CACHE_SIZE = 1024
@@ -74,6 +74,9 @@ def plan_count() -> int:
 
 class _ShrinkPlan:
     def __init__(self, x2d, lora_A, dropout_p, store_bits):
+        self.copy_x = not _columns_fit_int32(x2d)  # read from a contiguous copy (launch._columns_fit_int32)
+        if self.copy_x:
+            x2d = x2d.contiguous()
         T, K = x2d.shape
         R = lora_A.shape[0]
         size = x2d.element_size()
@@ -100,6 +103,8 @@ class _ShrinkPlan:
             self.sum_static = (splits, T * R, T * R, 1.0, 0.0)
 
     def __call__(self, x2d, lora_A, seed):
+        if self.copy_x:
+            x2d = x2d.contiguous()
         xa = torch.empty((self.T, self.R), dtype=self.acc_dtype, device=x2d.device)
         bits = torch.empty((self.T, self.static[11]), dtype=torch.uint8, device=x2d.device) if self.store_bits else None
         parts = xa if self.splits == 1 else torch.empty((self.splits, self.T, self.R), dtype=self.acc_dtype,
@@ -182,6 +187,10 @@ def _persistent_tma_launch(kernel, config: GemmConfig, rows: int, cols: int, dty
 
 class _ForwardPlan:
     def __init__(self, x2d, weight, bias, lora_B, xa, scaling):
+        # x and W read from contiguous copies where their column offsets pass int32 (launch._columns_fit_int32)
+        self.copy_x, self.copy_w = not _columns_fit_int32(x2d), not _columns_fit_int32(weight)
+        x2d = x2d.contiguous() if self.copy_x else x2d
+        weight = weight.contiguous() if self.copy_w else weight
         T, K = x2d.shape
         N, R = lora_B.shape
         self.T, self.N = T, N
@@ -245,6 +254,10 @@ class _ForwardPlan:
         return pointer
 
     def __call__(self, x2d, weight, bias, lora_B, xa):
+        if self.copy_x:
+            x2d = x2d.contiguous()
+        if self.copy_w:
+            weight = weight.contiguous()
         y = torch.empty((self.T, self.N), dtype=self.dtype, device=self.device)
         self.strategy(x2d, weight, bias, lora_B, xa, y)
         return y
@@ -256,6 +269,13 @@ class _ForwardPlan:
 class _BackwardPlan:
     def __init__(self, dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, from_bits,
                  needs_dx, needs_dA, needs_dB):
+        # dy, W and x read from contiguous copies where their column offsets pass int32 (launch._columns_fit_int32)
+        self.copy_dy = not _columns_fit_int32(dy)
+        self.copy_w = needs_dx and not _columns_fit_int32(weight)
+        self.copy_x = needs_dA and x2d is not None and not _columns_fit_int32(x2d)
+        dy = dy.contiguous() if self.copy_dy else dy
+        weight = weight.contiguous() if self.copy_w else weight
+        x2d = x2d.contiguous() if self.copy_x else x2d
         T, N = dy.shape
         R, K = lora_A.shape
         device, dtype = dy.device, dy.dtype
@@ -390,6 +410,12 @@ class _BackwardPlan:
         return pointer
 
     def __call__(self, dy, x2d, weight, lora_A, lora_B, xa, seed, bits):
+        if self.copy_dy:
+            dy = dy.contiguous()
+        if self.copy_w:
+            weight = weight.contiguous()
+        if self.copy_x:
+            x2d = x2d.contiguous()
         T, N, K, R = self.T, self.N, self.K, self.R
         device, acc_dtype = self.device, self.acc_dtype
         needs_dx, needs_dA, needs_dB = self.needs

@@ -38,16 +38,9 @@ import weakref
 
 import torch
 
+from .gpu_kernels import input_dtype, lora_layer, problem, sync
+
 FAIL_RELATIVE = 0.05  # an output this far off (relative to its largest value) is wrong, not rounded
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _dtype(device):
-    return torch.bfloat16 if device.type == "cuda" else torch.float16  # the interpreter computes bf16 wrongly
 
 
 class _Writer:
@@ -87,18 +80,6 @@ def _meta(device) -> dict:
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)"
     return {"device": name, "torch": torch.__version__, "triton": triton.__version__}
-
-
-def _inputs(K, N, T, r, device, seed=0):
-    gen = torch.Generator(device=device).manual_seed(seed)
-    dtype = _dtype(device)
-
-    def rand(*shape, scale=1.0, dt=dtype):
-        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dt)
-
-    return dict(x=rand(T, K), W=rand(N, K, scale=K ** -0.5), b=rand(N, scale=0.1),
-                A=rand(r, K, scale=K ** -0.5, dt=torch.float32), B=rand(N, r, scale=r ** -0.5, dt=torch.float32),
-                dy=rand(T, N))
 
 
 # ----------------------------------------------------------------------------- correctness
@@ -167,9 +148,10 @@ def correctness(args, device) -> int:
 
     K, N = args.shape
     T, r = args.tokens, args.rank
-    writer = _Writer(args.out_dir, "1-correctness", dict(_meta(device), K=K, N=N, T=T, r=r, dtype=str(_dtype(device)),
-                                                         adapters="torch.float32", scaling=SCALING))
-    t = _inputs(K, N, T, r, device)
+    writer = _Writer(args.out_dir, "1-correctness", dict(_meta(device), K=K, N=N, T=T, r=r,
+                                                         dtype=str(input_dtype(device)), adapters="torch.float32",
+                                                         scaling=SCALING))
+    t = problem(K, N, T, r, device)
     failed = 0
     header = (f"{'case':<26} {'outputs: max|error| / max|fp64| (torch backend)':<88} verdict")
     print(header)
@@ -191,7 +173,7 @@ def correctness(args, device) -> int:
                     torch_errors[p] = _errors(_fwd_bwd(t, p, "torch"), references[p])
                 started = time.perf_counter()
                 errors = _errors(_fwd_bwd(t, p, "triton"), references[p])
-                _sync(device)
+                sync(device)
                 seconds = time.perf_counter() - started
                 mask_ok = True
                 if p:  # bits mode: the shrink's packed bits; seed mode: Triton's mask kernel (dropout_mask)
@@ -267,12 +249,10 @@ def _kernel_row(name, kernel, fn) -> dict:
 
 
 def registers(args, device) -> int:
-    from fused_lora import FusedLoRALinear
     from fused_lora.ops import backends
-    from fused_lora.ops import triton_ops as ops
 
     K, N = args.shape
-    t = _inputs(K, N, args.tokens, args.rank, device)
+    t = problem(K, N, args.tokens, args.rank, device)
     started = time.perf_counter()
     runs = []
     for T in (args.tokens, 16):
@@ -280,14 +260,11 @@ def registers(args, device) -> int:
         os.environ["FUSED_LORA_AUTOTUNE"] = "compile" if T == args.tokens else "0"
         for p, mode in ((0.0, "bits"), (0.1, "bits"), (0.1, "seed")):
             backends.TRITON_MASK_MODE = mode
-            layer = FusedLoRALinear(K, N, r=args.rank, lora_alpha=2 * args.rank, lora_dropout=p, device=device,
-                                    dtype=_dtype(device))
-            layer.lora_A.data, layer.lora_B.data = t["A"].clone(), t["B"].clone()
-            layer.backend = "triton"
+            layer, _ = lora_layer(t, args.rank, p)
             x = t["x"][:T].detach().requires_grad_(True)
             try:
                 layer(x).backward(t["dy"][:T])
-                _sync(device)
+                sync(device)
                 runs.append(f"T={T} p={p} {mode}: ok")
             except Exception as error:  # noqa: BLE001 - the table says which case failed
                 runs.append(f"T={T} p={p} {mode}: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
@@ -319,47 +296,39 @@ def registers(args, device) -> int:
 # ----------------------------------------------------------------------------- memory
 
 def memory(args, device) -> int:
-    from fused_lora import FusedLoRALinear
     from fused_lora.ops import triton_ops as ops
 
     K, N = args.shape
     r, p = args.rank, 0.1
     cuda = device.type == "cuda"
     tokens = list(args.memory_tokens) + [args.memory_tokens[0]]
-    t = _inputs(K, N, max(tokens), r, device)
-    linear = torch.nn.Linear(K, N, device=device, dtype=_dtype(device)).requires_grad_(False)
-    with torch.no_grad():
-        linear.weight.copy_(t["W"])
-        linear.bias.copy_(t["b"])
-    layer = FusedLoRALinear.from_linear(linear, r=r, lora_alpha=2 * r, lora_dropout=p)
-    layer.lora_A.data, layer.lora_B.data = t["A"].clone(), t["B"].clone()
-    layer.backend = "triton"
-    layer.train()
+    t = problem(K, N, max(tokens), r, device)
+    layer, linear = lora_layer(t, r, p)
     del t
 
     def step(module, T):
         gen = torch.Generator(device=device).manual_seed(T)
-        x = torch.randn(T, K, generator=gen, device=device).to(_dtype(device)).requires_grad_(True)
-        dy = torch.randn(T, N, generator=gen, device=device).to(_dtype(device))
+        x = torch.randn(T, K, generator=gen, device=device).to(input_dtype(device)).requires_grad_(True)
+        dy = torch.randn(T, N, generator=gen, device=device).to(input_dtype(device))
         for q in module.parameters():
             q.grad = None
-        _sync(device)
+        sync(device)
         before = torch.cuda.memory_allocated() if cuda else None
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         module(x).backward(dy)
-        _sync(device)
+        sync(device)
         peak = torch.cuda.max_memory_allocated() - before if cuda else None
         held = weakref.ref(x)
         del x, dy
         for q in module.parameters():
             q.grad = None
         gc.collect()
-        _sync(device)
+        sync(device)
         return peak, held() is not None
 
     step(layer, tokens[0])  # first use: compiles, allocates the library workspaces
-    writer = _Writer(args.out_dir, "5-memory", dict(_meta(device), K=K, N=N, r=r, p=p, dtype=str(_dtype(device))))
+    writer = _Writer(args.out_dir, "5-memory", dict(_meta(device), K=K, N=N, r=r, p=p, dtype=str(input_dtype(device))))
     head = f"{'T':>6} {'allocated after (MiB)':>22} {'peak (MiB)':>11} {'nn.Linear peak':>15} {'ratio':>6} x alive plans"
     print(head)
     with open(writer.txt_path, "a") as f:

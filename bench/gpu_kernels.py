@@ -45,25 +45,55 @@ SKINNY_VARIANTS = [  # (shrink, dy pass, dA): (BLOCK_M, BLOCK_K or BLOCK_N, warp
 ]
 
 
-def _dtype():
+def input_dtype(device) -> torch.dtype:
     """bf16 on a GPU; fp16 in the interpreter (which computes bf16 wrongly)."""
-    return torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float16
 
 
-def _sync():
-    if DEVICE == "cuda":
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
-def _tensors(K, N, T=None, r=None, seed=0):
-    T, r = T or TOKENS, r or RANK
-    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+def problem(K, N, T, r, device, seed=0) -> dict:
+    """One layer's random tensors on ``device``: x (T, K), dy (T, N), W (N, K), b (N,) in
+    ``input_dtype``; A (r, K) and B (N, r) fp32 (PEFT's default adapters on a 16-bit model)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
 
     def rand(*shape, scale=1.0, dtype=None):
-        return (torch.randn(*shape, generator=gen, device=DEVICE) * scale).to(dtype or _dtype())
+        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype or input_dtype(device))
 
     return dict(x=rand(T, K), dy=rand(T, N), W=rand(N, K, scale=K ** -0.5), b=rand(N, scale=0.1),
                 A=rand(r, K, scale=K ** -0.5, dtype=torch.float32), B=rand(N, r, scale=r ** -0.5, dtype=torch.float32))
+
+
+def lora_layer(t, r, p):
+    """(FusedLoRALinear on the triton backend in train mode, its frozen nn.Linear) over ``problem``'s W, b,
+    A and B; lora_alpha = 2 r."""
+    import fused_lora
+
+    N, K = t["W"].shape
+    linear = torch.nn.Linear(K, N, device=t["W"].device, dtype=t["W"].dtype)
+    with torch.no_grad():
+        linear.weight.copy_(t["W"])
+        linear.bias.copy_(t["b"])
+    layer = fused_lora.FusedLoRALinear.from_linear(linear, r=r, lora_alpha=2 * r, lora_dropout=p)
+    layer.lora_A.data = t["A"].clone()
+    layer.lora_B.data = t["B"].clone()
+    layer.backend = "triton"
+    return layer.train(), linear.requires_grad_(False)
+
+
+def _dtype():
+    return input_dtype(DEVICE)
+
+
+def _sync():
+    sync(DEVICE)
+
+
+def _tensors(K, N, T=None, r=None, seed=0):
+    return problem(K, N, T or TOKENS, r or RANK, DEVICE, seed)
 
 
 def _event_times(fns: dict, repeats=20, warmup=3):
@@ -117,12 +147,11 @@ def _strategies(plan_tma_ok: bool, K, N, mask, configs, device):
     from fused_lora.ops.triton_ops import tuning
 
     if configs == "tuned":
-        found = tuning._gemm_candidates(device, _dtype(), rank_block(RANK), plan_tma_ok, TOKENS,
-                                        None if mask == "none" else mask)
-        pointer = tuning.INTERPRETER_GEMM_CONFIG if DEVICE != "cuda" else \
-            POINTER_GEMM_CONFIGS[tuning.TUNED_POINTER["long"][0]]
-        if not any(kind == "pointer" for _, kind, _ in found):
-            found.append((f"pointer:{pointer.label()}", "pointer", pointer))
+        mask = tuning._dx_mask(mask != "none", mask == "bits", K % 8 == 0)  # as the dx plan names it
+        found = tuning._gemm_candidates(device, _dtype(), rank_block(RANK), plan_tma_ok, TOKENS, mask)
+        if not any(kind == "pointer" for _, kind, _ in found):  # TMA candidates: add the launcher's pointer kernel
+            pointer = tuning._gemm_candidates(device, _dtype(), rank_block(RANK), False, TOKENS, mask)
+            found.append(next(c for c in pointer if c[1] == "pointer"))
         return found
     strategies = [(f"tma:{TMA_GEMM_CONFIGS[i].label()}", "tma", TMA_GEMM_CONFIGS[i]) for i in configs]
     return strategies + [(f"pointer:{POINTER_GEMM_CONFIGS[0].label()}", "pointer", POINTER_GEMM_CONFIGS[0]),
@@ -272,20 +301,6 @@ def _against_floors(rows, floors) -> None:
                 row["x_floor"] = row["us_per_step"] / row["calls_per_step"] / floors[tensor]["us"]
 
 
-def _layer(K, N, p, t):
-    import fused_lora
-
-    linear = torch.nn.Linear(K, N, device=DEVICE, dtype=_dtype())
-    with torch.no_grad():
-        linear.weight.copy_(t["W"])
-        linear.bias.copy_(t["b"])
-    layer = fused_lora.FusedLoRALinear.from_linear(linear, r=RANK, lora_alpha=2 * RANK, lora_dropout=p)
-    layer.lora_A.data = t["A"].clone()
-    layer.lora_B.data = t["B"].clone()
-    layer.backend = "triton"
-    return layer.train(), linear.requires_grad_(False)
-
-
 def skinny_items():
     items = []
     for index, variant in enumerate(SKINNY_VARIANTS):
@@ -308,7 +323,7 @@ def run_skinny(items, warm):
             ops.CONFIG_OVERRIDES.update(shrink=variant[0], dy=variant[1], da=variant[2])
         backends.TRITON_MASK_MODE = "seed" if mode == "seed" else "bits"
         ops.clear_plans()
-        layer, _ = _layer(K, N, 0.0 if mode == "none" else 0.1, t)
+        layer, _ = lora_layer(t, RANK, 0.0 if mode == "none" else 0.1)
         try:
             if warm:
                 layer(x).backward(t["dy"])
@@ -347,7 +362,7 @@ def run_profiles(warm, part=(0, 1), shape=(4096, 4096)):
             continue
         backends.TRITON_MASK_MODE = mode
         ops.clear_plans()
-        layer, linear = _layer(K, N, p, t)
+        layer, linear = lora_layer(t, RANK, p)
         if warm:
             layer(x).backward(t["dy"])
             _sync()

@@ -128,12 +128,19 @@ def _frozen_linear(w: Weights) -> nn.Linear:
     return linear.requires_grad_(False)
 
 
-def _peft_layer(w: Weights, r: int, p: float) -> nn.Module:
+def _peft_layer(w: Weights, r: int, p: float, four_bit: bool = False) -> nn.Module:
+    """PEFT's LoRA layer over the frozen nn.Linear of ``w`` (``four_bit``: its ``bnb.Linear4bit`` layer over
+    ``linear_4bit(w)``), with ``w``'s adapters."""
     import peft
-    from peft.tuners.lora import Linear as PeftLoraLinear
 
+    if four_bit:
+        base = linear_4bit(w)  # first: it says so clearly when bitsandbytes is missing
+        from peft.tuners.lora.bnb import Linear4bit as layer_class
+    else:
+        base = _frozen_linear(w)
+        from peft.tuners.lora import Linear as layer_class
     config = peft.LoraConfig(r=r, lora_alpha=w.scaling * r, lora_dropout=p)
-    layer = PeftLoraLinear(_frozen_linear(w), "default", config=config, r=r, lora_alpha=w.scaling * r)
+    layer = layer_class(base, "default", config=config, r=r, lora_alpha=w.scaling * r)
     with torch.no_grad():
         # The adapters take the dtype the sweep gives every provider (fp32 with
         # half-precision bases is PEFT's own default).
@@ -176,13 +183,9 @@ def build(provider: str, w: Weights, r: int, p: float) -> tuple[nn.Module, str]:
     if provider == "linear_nf4":
         return linear_4bit(w).train(), ""
     if provider == "fused_lora_nf4":
-        layer = fused_lora.FusedLoRALinear.from_linear(linear_4bit(w), r=r, lora_alpha=w.scaling * r, lora_dropout=p)
-        with torch.no_grad():
-            layer.lora_A.data = w.lora_A.clone()
-            layer.lora_B.data = w.lora_B.clone()
-        return layer.train(), backend_name_for(device, None)
+        return _fused_layer(w, r, p, linear_4bit(w)).train(), backend_name_for(device, None)
     if provider == "peft_nf4":
-        return _peft_layer_4bit(w, r, p).train(), ""
+        return _peft_layer(w, r, p, four_bit=True).train(), ""
     raise ValueError(f"provider: expected one of {ALL_PROVIDERS}, got {provider!r}")
 
 
@@ -198,23 +201,6 @@ def linear_4bit(w: Weights, quant_type: str = "nf4") -> nn.Module:
     if w.bias is not None:
         layer.bias = nn.Parameter(w.bias.detach().clone(), requires_grad=False)
     return layer.to(w.weight.device).requires_grad_(False)  # .to() quantizes
-
-
-def _peft_layer_4bit(w: Weights, r: int, p: float) -> nn.Module:
-    import peft
-
-    from fused_lora.quantized import require_bitsandbytes
-
-    require_bitsandbytes()
-    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
-
-    config = peft.LoraConfig(r=r, lora_alpha=w.scaling * r, lora_dropout=p)
-    layer = PeftLinear4bit(linear_4bit(w), "default", config=config, r=r, lora_alpha=w.scaling * r)
-    with torch.no_grad():
-        for adapter, value in ((layer.lora_A["default"], w.lora_A), (layer.lora_B["default"], w.lora_B)):
-            adapter.to(value.dtype)
-            adapter.weight.copy_(value)
-    return layer
 
 
 def frozen_bytes(module: nn.Module) -> int:
@@ -235,8 +221,10 @@ def frozen_bytes(module: nn.Module) -> int:
     return total
 
 
-def _fused_layer(w: Weights, r: int, p: float) -> fused_lora.FusedLoRALinear:
-    layer = fused_lora.FusedLoRALinear.from_linear(_frozen_linear(w), r=r, lora_alpha=w.scaling * r, lora_dropout=p)
+def _fused_layer(w: Weights, r: int, p: float, base: nn.Module | None = None) -> fused_lora.FusedLoRALinear:
+    """FusedLoRALinear over ``base`` (default: the frozen nn.Linear of ``w``) with ``w``'s adapters."""
+    base = _frozen_linear(w) if base is None else base
+    layer = fused_lora.FusedLoRALinear.from_linear(base, r=r, lora_alpha=w.scaling * r, lora_dropout=p)
     with torch.no_grad():
         layer.lora_A.data = w.lora_A.clone()
         layer.lora_B.data = w.lora_B.clone()

@@ -49,17 +49,15 @@ constexpr int64_t kStreamBytes = 1 << 22;
 // a[j] = the fp32 absmax of block first + j, for j < count.
 // NOTE: without the volatile, -ffp-contract=fast may fuse the product and the sum into
 // one FMA (one rounding), which bitsandbytes does not do: its result differs in the last bit.
-void block_scales(const uint8_t* absmax_u8, const float* absmax_f32, const float* nested_code,
-                  const float* nested_absmax, int64_t nested_blocksize, float offset, int64_t first,
-                  int64_t count, float* a) {
-  if (absmax_u8 == nullptr) {
-    std::memcpy(a, absmax_f32 + first, sizeof(float) * count);
+void block_scales(const Weight4bitView& w, int64_t first, int64_t count, float* a) {
+  if (w.absmax_u8 == nullptr) {
+    std::memcpy(a, w.absmax_f32 + first, sizeof(float) * count);
     return;
   }
   for (int64_t j = 0; j < count; ++j) {
     const int64_t b = first + j;
-    volatile float product = nested_code[absmax_u8[b]] * nested_absmax[b / nested_blocksize];
-    a[j] = product + offset;
+    volatile float product = w.nested_code[w.absmax_u8[b]] * w.nested_absmax[b / w.nested_blocksize];
+    a[j] = product + w.offset;
   }
 }
 
@@ -245,23 +243,27 @@ void dequantize_blocks(const uint8_t* packed, const float* code, const float* a,
   dequantize_blocks_baseline(packed, code, a, blocksize, begin, end, out);
 }
 
+// out[0 .. end - begin) = elements begin .. end - 1 of the flattened weight (begin a multiple of blocksize);
+// scales: room for the range's blocks.
+template <typename out_t>
+void dequantize_chunk(const Weight4bitView& w, int64_t begin, int64_t end, out_t* out, float* scales,
+                      bool stream = false) {
+  block_scales(w, begin / w.blocksize, (end - begin + w.blocksize - 1) / w.blocksize, scales);
+  // NOTE: begin is block-aligned and blocks are even-sized: the range starts on a whole byte.
+  dequantize_blocks(w.packed + begin / 2, w.code, scales, w.blocksize, 0, end - begin, out, stream);
+}
+
 }  // namespace
 
 void dequantize_range(const Weight4bitView& w, int64_t begin, int64_t end, float* out, float* scales) {
-  const int64_t first_block = begin / w.blocksize;
-  const int64_t count = (end - begin + w.blocksize - 1) / w.blocksize;
-  block_scales(w.absmax_u8, w.absmax_f32, w.nested_code, w.nested_absmax, w.nested_blocksize, w.offset, first_block,
-               count, scales);
-  // NOTE: begin is block-aligned and blocks are even-sized: the range starts on a whole byte.
-  dequantize_blocks(w.packed + begin / 2, w.code, scales, w.blocksize, 0, end - begin, out);
+  dequantize_chunk(w, begin, end, out, scales);
 }
 
 namespace {
 
 template <typename out_t>
-void dequantize_all(const uint8_t* packed, const float* code, const uint8_t* absmax_u8, const float* absmax_f32,
-                    const float* nested_code, const float* nested_absmax, int64_t nested_blocksize, float offset,
-                    int64_t blocksize, int64_t numel, out_t* out) {
+void dequantize_all(const Weight4bitView& w, int64_t numel, out_t* out) {
+  const int64_t blocksize = w.blocksize;
   const int64_t chunk = std::max<int64_t>(blocksize, kChunk / blocksize * blocksize);
   const int64_t chunks = (numel + chunk - 1) / chunk;
   const int64_t grain = numel < kMinParallelElements ? chunks : 1;
@@ -274,12 +276,7 @@ void dequantize_all(const uint8_t* packed, const float* code, const uint8_t* abs
     float scales[kChunk / 2 + 1];  // blocks per chunk: chunk / blocksize <= kChunk / 2
     for (int64_t c = first_chunk; c < last_chunk; ++c) {
       const int64_t begin = c * chunk;
-      const int64_t end = std::min(numel, begin + chunk);
-      const int64_t first_block = begin / blocksize;
-      const int64_t count = (end - begin + blocksize - 1) / blocksize;
-      block_scales(absmax_u8, absmax_f32, nested_code, nested_absmax, nested_blocksize, offset, first_block, count,
-                   scales);
-      dequantize_blocks(packed, code, scales, blocksize, begin, end, out, stream);
+      dequantize_chunk(w, begin, std::min(numel, begin + chunk), out + begin, scales, stream);
     }
   });
 }
@@ -294,18 +291,10 @@ void check_cpu(const at::Tensor& t, const char* name, at::ScalarType dtype, int6
 
 }  // namespace
 
-at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
-                           const std::optional<at::Tensor>& nested_absmax,
-                           const std::optional<at::Tensor>& nested_code, double offset, int64_t blocksize,
-                           int64_t nested_blocksize, at::Tensor out) {
-  TORCH_CHECK(out.defined() && out.device().is_cpu() && out.layout() == at::kStrided && out.is_contiguous(),
-              "out: expected a contiguous dense CPU tensor");
-  const auto out_dtype = out.scalar_type();
-  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
-              "out: expected dtype float32, float16 or bfloat16, got ", out_dtype);
-  TORCH_CHECK(blocksize >= 2 && blocksize % 2 == 0 && blocksize <= kChunk,
-              "blocksize: expected an even int in [2, ", kChunk, "], got ", blocksize);
-  const int64_t numel = out.numel();
+Weight4bitView checked_weight_view(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+                                   const std::optional<at::Tensor>& nested_absmax,
+                                   const std::optional<at::Tensor>& nested_code, double offset, int64_t blocksize,
+                                   int64_t nested_blocksize, int64_t numel) {
   const int64_t blocks = (numel + blocksize - 1) / blocksize;
   check_cpu(packed, "packed", at::kByte, (numel + 1) / 2);
   check_cpu(code, "code", at::kFloat, 16);
@@ -320,20 +309,35 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, c
   } else {
     check_cpu(absmax, "absmax", at::kFloat, blocks);
   }
+  return Weight4bitView{packed.const_data_ptr<uint8_t>(),
+                        code.const_data_ptr<float>(),
+                        nested ? absmax.const_data_ptr<uint8_t>() : nullptr,
+                        nested ? nullptr : absmax.const_data_ptr<float>(),
+                        nested ? nested_code->const_data_ptr<float>() : nullptr,
+                        nested ? nested_absmax->const_data_ptr<float>() : nullptr,
+                        nested_blocksize,
+                        static_cast<float>(offset),
+                        blocksize};
+}
+
+at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+                           const std::optional<at::Tensor>& nested_absmax,
+                           const std::optional<at::Tensor>& nested_code, double offset, int64_t blocksize,
+                           int64_t nested_blocksize, at::Tensor out) {
+  TORCH_CHECK(out.defined() && out.device().is_cpu() && out.layout() == at::kStrided && out.is_contiguous(),
+              "out: expected a contiguous dense CPU tensor");
+  const auto out_dtype = out.scalar_type();
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
+              "out: expected dtype float32, float16 or bfloat16, got ", out_dtype);
+  TORCH_CHECK(blocksize >= 2 && blocksize % 2 == 0 && blocksize <= kChunk,
+              "blocksize: expected an even int in [2, ", kChunk, "], got ", blocksize);
+  const int64_t numel = out.numel();
+  const Weight4bitView w = checked_weight_view(packed, absmax, code, nested_absmax, nested_code, offset, blocksize,
+                                               nested_blocksize, numel);
   if (numel == 0) {
     return out;
   }
-  const uint8_t* packed_data = packed.const_data_ptr<uint8_t>();
-  const float* code_data = code.const_data_ptr<float>();
-  const uint8_t* absmax_u8 = nested ? absmax.const_data_ptr<uint8_t>() : nullptr;
-  const float* absmax_f32 = nested ? nullptr : absmax.const_data_ptr<float>();
-  const float* nested_code_data = nested ? nested_code->const_data_ptr<float>() : nullptr;
-  const float* nested_absmax_data = nested ? nested_absmax->const_data_ptr<float>() : nullptr;
-  const float offset_f = static_cast<float>(offset);
-  auto run = [&](auto* out_data) {
-    dequantize_all(packed_data, code_data, absmax_u8, absmax_f32, nested_code_data, nested_absmax_data,
-                   nested_blocksize, offset_f, blocksize, numel, out_data);
-  };
+  auto run = [&](auto* out_data) { dequantize_all(w, numel, out_data); };
   if (out_dtype == at::kFloat) {
     run(out.data_ptr<float>());
   } else if (out_dtype == at::kHalf) {

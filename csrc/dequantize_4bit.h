@@ -2,7 +2,10 @@
 // (dequantize_4bit.cpp), for the small-T GEMMs that dequantize tile by tile (gemm_4bit.cpp).
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
+#include <optional>
 
 namespace fused_lora {
 
@@ -17,6 +20,14 @@ struct Weight4bitView {
   float offset;
   int64_t blocksize;            // even
 };
+
+// The weight's tensors checked for numel weights (CPU, contiguous, dtype, enough elements; TORCH_CHECK
+// naming the argument) and viewed as raw pointers. nested_absmax and nested_code: both (double
+// quantization) or neither. The caller checks blocksize.
+Weight4bitView checked_weight_view(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+                                   const std::optional<at::Tensor>& nested_absmax,
+                                   const std::optional<at::Tensor>& nested_code, double offset, int64_t blocksize,
+                                   int64_t nested_blocksize, int64_t numel);
 
 // out[0 .. end - begin) = fp32 elements begin .. end - 1 of the flattened weight; begin a multiple of
 // blocksize. scales: room for the range's blocks ((end - begin) / blocksize + 1 floats).

@@ -207,35 +207,11 @@ at::Tensor gemm_4bit(const at::Tensor& a, const at::Tensor& packed, const at::Te
                   out.dim() == 2 && out.size(0) == rows && out.size(1) == (transposed ? N : K),
               "out: expected a contiguous float32 CPU tensor of shape (", rows, ", ", transposed ? N : K, "), got ",
               out.sizes(), " ", out.scalar_type());
-  const int64_t numel = N * K;
-  const int64_t blocks = numel / blocksize;
-  auto check = [](const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t min_numel) {
-    TORCH_CHECK(t.defined() && t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == dtype &&
-                    t.numel() >= min_numel,
-                name, ": expected a contiguous CPU tensor of dtype ", dtype, " with at least ", min_numel,
-                " elements");
-  };
-  check(packed, "packed", at::kByte, numel / 2);
-  check(code, "code", at::kFloat, 16);
-  const bool nested = nested_absmax.has_value();
-  TORCH_CHECK(nested == nested_code.has_value(), "nested_absmax, nested_code: expected both or neither");
-  if (nested) {
-    TORCH_CHECK(nested_blocksize >= 1, "nested_blocksize: expected an int >= 1, got ", nested_blocksize);
-    check(absmax, "absmax", at::kByte, blocks);
-    check(*nested_code, "nested_code", at::kFloat, 256);
-    check(*nested_absmax, "nested_absmax", at::kFloat, (blocks + nested_blocksize - 1) / nested_blocksize);
-  } else {
-    check(absmax, "absmax", at::kFloat, blocks);
-  }
+  const Weight4bitView w = checked_weight_view(packed, absmax, code, nested_absmax, nested_code, offset, blocksize,
+                                               nested_blocksize, N * K);
   if (rows == 0) {
     return out;
   }
-  const Weight4bitView w{packed.const_data_ptr<uint8_t>(), code.const_data_ptr<float>(),
-                         nested ? absmax.const_data_ptr<uint8_t>() : nullptr,
-                         nested ? nullptr : absmax.const_data_ptr<float>(),
-                         nested ? nested_code->const_data_ptr<float>() : nullptr,
-                         nested ? nested_absmax->const_data_ptr<float>() : nullptr, nested_blocksize,
-                         static_cast<float>(offset), blocksize};
   const float* a_data = a.const_data_ptr<float>();
   const int64_t ld_a = a.stride(0);
   float* out_data = out.data_ptr<float>();

@@ -261,3 +261,32 @@ def test_nf4_end_to_end_rows_compare_the_same_4bit_model():
     assert [r["provider"] for r in rows] == ["fused_lora_nf4", "peft_nf4"]
     assert all(r["tokens_per_s"] > 0 and r["memory_bytes"] > 0 for r in rows)
     assert rows[0]["weight_bytes"] == rows[1]["weight_bytes"] and rows[0]["model"].startswith("Llama nf4")
+
+
+# ---------------------------------------------------------------------------------------------
+# bench.gpu_kernels --configs tuned: what GPU_CHECK_STAGE=first warms (step 0) and times (step 3)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mask", ["none", "bits", "seed"])
+@pytest.mark.parametrize("tma_ok,K", [(True, 4096), (False, 4096), (False, 4100)], ids=["tma", "pointer", "pointer-odd-K"])
+def test_gpu_kernels_tuned_strategies_on_sm90_are_the_tuners_plus_its_pointer_kernel(monkeypatch, tma_ok, K, mask):
+    # The strategies as an H100/H200 (bf16, T=8192) sees them, answered by the tuning tables without a
+    # GPU: the tuner's candidates, and where those are TMA configs, the pointer kernel the launcher
+    # would fall back to for the same mask (it once looked the pointer config up under a stale key
+    # of TUNED_POINTER: a KeyError, so no GEMM of the first stage's steps 0 and 3 ran).
+    from bench import gpu_kernels
+    from fused_lora.kernels.common import rank_block
+    from fused_lora.ops.triton_ops import tuning
+
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    monkeypatch.setattr(tuning, "_device_facts", lambda index: (132, 9, 232448))
+    monkeypatch.setattr(tuning, "_index", lambda device: 0)
+    monkeypatch.setattr(gpu_kernels, "DEVICE", "cuda")
+    device = torch.device("cuda", 0)
+    got = gpu_kernels._strategies(tma_ok, K, 4096, mask, "tuned", device)
+    tuner_mask = None if mask == "none" else "seed-odd" if mask == "seed" and K % 8 else mask
+    candidates = tuning._gemm_candidates(device, torch.bfloat16, rank_block(16), tma_ok, 8192, tuner_mask)
+    pointer_default = tuning._gemm_candidates(device, torch.bfloat16, rank_block(16), False, 8192, tuner_mask)[0]
+    assert pointer_default[1] == "pointer"
+    assert got[:len(candidates)] == candidates
+    assert got[len(candidates):] == ([pointer_default] if tma_ok else [])

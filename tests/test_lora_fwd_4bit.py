@@ -43,6 +43,25 @@ def test_matches_the_dequantized_formula(T, N, K, blocksize, quant_type, nested,
 
 
 @needs_interpreter
+def test_fp32_adapters_keep_the_expand_in_fp32_range_on_a_16bit_input():
+    # As in lora_forward's GEMM: fp32 adapters on an fp16 input take fp32 operands (a tf32 dot on a
+    # GPU: fp32's range), so a scaled xa past fp16's 65504 times a small lora_B is a finite term.
+    # Rounded to fp16 for the dot, as the kernel once did, it was Inf and so was y.
+    T, N, K, rank = 5, 33, 128, 3
+    param = quantized((N, K), 64, "nf4", True, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(T, K, generator=gen).half()
+    lora_B = torch.randn(N, rank, generator=gen) * 1e-4
+    xa = torch.randn(T, rank, generator=gen) * 3e5
+    y = lora_forward_4bit(x, weight_of(param, param.quant_state), None, lora_B, xa, 0.5)
+    W = bitsandbytes_dequantized(param.data, param.quant_state, torch.float16)
+    expected = reference(x, W, None, lora_B, xa, 0.5)
+    assert (xa * 0.5).abs().max() > torch.finfo(torch.float16).max
+    assert torch.isfinite(y).all(), "the LoRA term overflowed fp16"
+    assert_close_scaled("y", y, expected.to(torch.float16), lora_reductions(T, K, N, rank)["y"], dtype=torch.float16)
+
+
+@needs_interpreter
 def test_bad_operands_name_the_argument():
     param = quantized((33, 70), 64, "nf4", True)
     weight = weight_of(param, param.quant_state)

@@ -2,6 +2,10 @@
 the triton launchers' strategies (pointer, TMA, cuBLAS hybrid), mask modes and plan cache."""
 
 import contextlib
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -398,3 +402,70 @@ def test_triton_caches_keep_no_user_tensor_alive(triton_ops, monkeypatch, path):
     gc.collect()
     alive = [name for name, ref in refs.items() if ref() is not None]
     assert not alive, f"still alive after del and gc.collect(), held by a cache: {alive}"
+
+
+# A transposed view of a huge tensor: x, dy and W whose column stride puts the last column past
+# 2**31 elements. Run in a subprocess: before the launchers copied such tensors, the interpreter
+# read outside them (a segmentation fault; on a GPU an illegal address or wrong values).
+_COLUMN_OFFSETS_PAST_INT32 = r"""
+import importlib.util
+import torch
+from fused_lora import lora_linear_reference
+from fused_lora.ops import triton_ops as ops
+from fused_lora.philox import keep_mask_torch
+from tolerances import assert_close_scaled, lora_reductions
+
+T, K, N, r, p, seed, scaling = 20, 40, 44, 3, 0.2, 77, 0.5
+S = 2 ** 31 // (min(K, N) - 1) + 64  # x, W (K columns) and dy (N) all reach past 2**31 elements
+try:  # 4.4 GiB of address space; only the pages the views touch are ever used
+    base = torch.empty((max(K, N) - 1) * S + 256, dtype=torch.float16)
+except RuntimeError as error:
+    raise SystemExit(f"SKIP: {error}")
+gen = torch.Generator().manual_seed(0)
+
+
+def view(rows, cols, offset):  # (rows, cols), strides (1, S): column c starts at element c * S
+    v = base.as_strided((rows, cols), (1, S), offset)
+    v.copy_(torch.randn(rows, cols, generator=gen).half())
+    return v
+
+
+x, dy, W = view(T, K, 0), view(T, N, 64), view(N, K, 128)
+b = torch.randn(N, generator=gen).half()
+A = torch.randn(r, K, generator=gen) / K ** 0.5
+B = torch.randn(N, r, generator=gen) / r ** 0.5
+xa, bits = ops.lora_shrink(x, A, seed, p)
+y = ops.lora_forward(x, W, b, B, xa, scaling)
+got = dict(zip(("y", "dx", "dA", "dB"), (y,) + ops.lora_backward(dy, x, W, A, B, xa, scaling, seed, p, bits, True,
+                                                                  True, True)))
+keep = keep_mask_torch(seed, T, K, p, "cpu")
+xr, Ar, Br = x.double().requires_grad_(True), A.double().requires_grad_(True), B.double().requires_grad_(True)
+yr = lora_linear_reference(xr, W.double(), b.double(), Ar, Br, scaling, keep, p)
+want = dict(zip(("y", "dx", "dA", "dB"), (yr,) + torch.autograd.grad(yr, (xr, Ar, Br), dy.double())))
+n = lora_reductions(T, K, N, r)
+for name in got:
+    assert_close_scaled(name, got[name].double(), want[name], n[name], dtype=torch.float16)
+plans = [*ops._SHRINK_PLANS.plans.values(), *ops._FORWARD_PLANS.plans.values(), *ops._BACKWARD_PLANS.plans.values()]
+assert [(pl.copy_x, getattr(pl, "copy_w", None), getattr(pl, "copy_dy", None)) for pl in plans] == [
+    (True, None, None), (True, True, None), (True, True, True)]
+if importlib.util.find_spec("bitsandbytes"):  # the fused 4-bit forward reads x the same way
+    from test_dequant_4bit import bitsandbytes_dequantized, quantized, weight_of
+
+    param = quantized((N, K), 64, "nf4", True, seed=2)
+    y4 = ops.lora_forward_4bit(x, weight_of(param, param.quant_state), b, B, xa, scaling)
+    W4 = bitsandbytes_dequantized(param.data, param.quant_state, torch.float16).double()
+    want4 = x.double() @ W4.T + scaling * (xa.double() @ B.double().T) + b.double()
+    assert_close_scaled("y (4-bit)", y4, want4.half(), n["y"], dtype=torch.float16)
+print("ok")
+"""
+
+
+def test_triton_column_offsets_past_int32_are_read_from_a_contiguous_copy():
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(root), str(root / "tests")]))
+    done = subprocess.run([sys.executable, "-c", _COLUMN_OFFSETS_PAST_INT32], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=root)
+    if done.returncode != 0 and "SKIP:" in done.stderr:
+        pytest.skip(done.stderr.strip().splitlines()[-1])
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.returncode, done.stdout[-2000:],
+                                                                         done.stderr[-4000:])

@@ -64,7 +64,7 @@ from fused_lora.kernels.common import GemmConfig, rank_block  # noqa: E402
 from fused_lora.ops.triton_ops import tuning  # noqa: E402
 from fused_lora.ops.triton_ops.dequant import dequant_launch_options  # noqa: E402
 from fused_lora.ops.triton_ops.forward_4bit import forward_4bit_config, forward_4bit_launch_options  # noqa: E402
-from fused_lora.ops.triton_ops.launch import _lora_precision  # noqa: E402
+from fused_lora.ops.triton_ops.launch import _input_precision, _lora_precision  # noqa: E402
 from fused_lora.philox import dropout_threshold  # noqa: E402
 
 SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}
@@ -143,11 +143,6 @@ def _masks(dtype, tma=False):
     return masks
 
 
-def _mask_name(dropout, bits, aligned=True):
-    """The mask mode as tuning names it: None, "bits", "seed" or "seed-odd" (K % 8 != 0)."""
-    return ("bits" if bits else "seed" if aligned else "seed-odd") if dropout else None
-
-
 def _dropout_args(dropout):
     return dict(threshold=dropout_threshold(P_REP if dropout else 0.0), dropout_scale_hi=1 / (1 - P_REP) if dropout else 1.0,
                 dropout_scale_lo=0.0)
@@ -164,7 +159,7 @@ def variants(cases, all_configs):
         block_r = rank_block(R)
         acc = "fp64" if dtype == "fp64" else "fp32"
         adapter = acc if adapters_are == "fp32" else dtype  # fp32: PEFT's default on 16-bit bases
-        precision = "ieee" if dtype == "fp64" else ("tf32" if dtype != "fp32" else "ieee")
+        precision = _input_precision(TORCH_DTYPES[dtype])  # fp32: "ieee", torch's default (no TF32)
         lora = _lora_precision(TORCH_DTYPES[dtype], TORCH_DTYPES[adapter])
         gemm_lora = _lora_precision(TORCH_DTYPES[dtype], TORCH_DTYPES[adapter], gemm=True)
         common = dict(lora, IS_FP64=dtype == "fp64")  # the skinny passes
@@ -176,7 +171,7 @@ def variants(cases, all_configs):
         for dropout, bits, aligned in _masks(dtype):
             for block_m, block_k, warps, stages in skinny_choices("shrink", dtype, R, K if aligned else K - 1, lora["LORA_SPLIT"]):
                 yield Variant(
-                    f"shrink[{block_m}x{block_k}-w{warps}-s{stages}] {tag} mask={_mask_name(dropout, bits, aligned)}",
+                    f"shrink[{block_m}x{block_k}-w{warps}-s{stages}] {tag} mask={tuning._dx_mask(dropout, bits, aligned)}",
                     "_lora_shrink_kernel",
                     dict(x_ptr=x, a_ptr=a, xa_ptr=xa, seed_ptr=i64, bits_ptr=u8, T=T, K=K if aligned else K - 1, R=R,
                          k_per_split=K // 2, stride_xm=K, stride_xk=1, stride_ar=K, stride_ak=1, stride_xas=T * R,
@@ -200,7 +195,7 @@ def variants(cases, all_configs):
         for dropout, bits, aligned in _masks(dtype):
             for block_m, block_k, warps, stages in skinny_choices("da", dtype, R, K if aligned else K - 1, lora["LORA_SPLIT"]):
                 yield Variant(
-                    f"bwd_da[{block_m}x{block_k}-w{warps}-s{stages}] {tag} mask={_mask_name(dropout, bits, aligned)}",
+                    f"bwd_da[{block_m}x{block_k}-w{warps}-s{stages}] {tag} mask={tuning._dx_mask(dropout, bits, aligned)}",
                     "_lora_bwd_da_kernel",
                     dict(dxa_ptr=xa, x_ptr=x, da_partial_ptr=xa, seed_ptr=i64, bits_ptr=u8, T=T,
                          K=K if aligned else K - 1, R=R, rows_per_split=T // 8, stride_dxam=R, stride_dxar=1,
@@ -226,7 +221,7 @@ def variants(cases, all_configs):
                           dict(gemm_common, HAS_BIAS=True, BLOCK_R=block_r, **blocks), options, picked)
             dx_blocks = dict(BLOCK_M=config.BLOCK_M, BLOCK_K=config.BLOCK_N, BLOCK_N=config.BLOCK_K, GROUP_M=config.GROUP_M)
             for dropout, bits, aligned in _masks(dtype):
-                mask = _mask_name(dropout, bits, aligned)
+                mask = tuning._dx_mask(dropout, bits, aligned)
                 picked = any(kind != "tma" and c == config for (kind, c) in dx[mask])
                 k = K if aligned else K - 1
                 yield Variant(f"bwd_dx[{config.label()}] {tag} mask={mask}",
@@ -268,7 +263,7 @@ def tma_variants(config: GemmConfig, dtype, adapter, R, tag, forward, dx, gemm_l
                   dict(flags, HAS_BIAS=True, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K),
                   options, picked)
     for dropout, bits, aligned in _masks(dtype, tma=True):
-        mask = _mask_name(dropout, bits)
+        mask = tuning._dx_mask(dropout, bits, True)
         picked = ("tma", config) in dx[mask]
         yield Variant(f"bwd_dx_tma[{config.label()}] {tag} mask={mask}", "_lora_bwd_dx_tma_kernel",
                       dict(dy_desc=desc((T, N), (config.BLOCK_M, config.BLOCK_K)),
@@ -303,8 +298,10 @@ def dequant_4bit_variants(dtypes):
                       constexprs, options)
     for dtype, (T, K) in itertools.product(outputs, [(16, K_REP), (64, K_REP + 4)]):
         config = forward_4bit_config(T, 64, K, TORCH_DTYPES[dtype].itemsize)
-        precision = "ieee" if dtype == "fp32" else "tf32"
-        constexprs, options = forward_4bit_launch_options(64, "nf4", True, 256, True, True, precision, 16, config)
+        precision = _input_precision(TORCH_DTYPES[dtype])
+        lora = _lora_precision(TORCH_DTYPES[dtype], torch.float32, gemm=True)  # fp32 lora_B, PEFT's default
+        constexprs, options = forward_4bit_launch_options(64, "nf4", True, 256, True, True, precision, lora, 16,
+                                                          config)
         R, N = 16, N_REP
         f32 = ("ptr", "fp32")
         yield Variant(f"lora_fwd_4bit[{config['BLOCK_M']}x{config['BLOCK_N']}x{config['BLOCK_K']}] {dtype} nf4 nested "

@@ -12,7 +12,7 @@ Optional and unmeasured: no launcher path chooses it by default.
 import triton
 import triton.language as tl
 
-from .common import _grouped_tile
+from .common import _grouped_tile, _lora_dot
 from .dequant_4bit import _block_absmax, _code_value
 
 
@@ -41,7 +41,8 @@ def _lora_fwd_4bit_kernel(
     # meta-parameters
     BLOCKSIZE: tl.constexpr, IS_FP4: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
     OFFSET_FROM_PTR: tl.constexpr, ABSMAX_PER_COLUMN: tl.constexpr,
-    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, LORA_FP32: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One program: a (BLOCK_M, BLOCK_N) tile of y, in grouped order.
@@ -61,14 +62,14 @@ def _lora_fwd_4bit_kernel(
     if NESTED and OFFSET_FROM_PTR:
         offset = tl.load(offset_ptr)
 
-    # NOTE: the low-rank expand goes into the accumulator before the K loop, as in _lora_fwd_kernel.
+    # NOTE: the low-rank expand goes into the accumulator before the K loop, its dot as in
+    # _lora_fwd_kernel (LORA_FP32: fp32 adapters keep fp32 operands, a "tf32" dot, not x's dtype).
     xa = tl.load(xa_ptr + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :] * stride_xar,
                  mask=mask_m[:, None] & mask_r[None, :], other=0.0)
     b_t = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
                   mask=mask_r[:, None] & mask_n[None, :], other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = tl.dot((xa * scaling).to(dot_dtype), b_t.to(dot_dtype), acc, input_precision=INPUT_PRECISION,
-                 out_dtype=tl.float32)
+    acc = _lora_dot(xa * scaling, b_t, acc, dot_dtype, LORA_FP32, LORA_PRECISION)
 
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     row_start = offs_n.to(tl.int64) * K  # flat index of W[n, 0]

@@ -121,22 +121,35 @@ def _weight_arguments(weight, packed, offset_tensor):
             offset_tensor if offset_tensor is not None else nested_absmax)
 
 
+def _weight_layout(weight, offset_tensor) -> tuple:
+    """(blocksize, quant_type, nested, nested_blocksize, offset_from_ptr): what the kernels are compiled
+    for in the weight; the first arguments of ``dequant_launch_options`` and ``forward_4bit_launch_options``."""
+    nested = bool(weight.nested)
+    return (weight.blocksize, weight.quant_type, nested, weight.nested_blocksize if nested else 1,
+            offset_tensor is not None)
+
+
 def _weight_key(weight, packed, offset_tensor) -> tuple:
     """What a plan depends on in the weight: its layout and every tensor's 16-byte alignment."""
     nested = bool(weight.nested)
-    return (weight.blocksize, weight.quant_type, nested, weight.nested_blocksize if nested else None,
-            offset_tensor is not None, _aligned(packed), _aligned(weight.code), _aligned(weight.absmax),
-            nested and _aligned(weight.nested_code), nested and _aligned(weight.nested_absmax),
-            offset_tensor is not None and _aligned(offset_tensor))
+    return _weight_layout(weight, offset_tensor) + (
+        _aligned(packed), _aligned(weight.code), _aligned(weight.absmax), nested and _aligned(weight.nested_code),
+        nested and _aligned(weight.nested_absmax), offset_tensor is not None and _aligned(offset_tensor))
+
+
+def weight_constexprs(blocksize: int, quant_type: str, nested: bool, nested_blocksize: int,
+                      offset_from_ptr: bool) -> dict:
+    """The weight layout's constexprs, shared by the dequantize kernel and the fused 4-bit forward."""
+    return dict(BLOCKSIZE=blocksize, IS_FP4=quant_type == "fp4", NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize,
+                OFFSET_FROM_PTR=offset_from_ptr)
 
 
 def dequant_launch_options(blocksize: int, quant_type: str, nested: bool, nested_blocksize: int,
                            offset_from_ptr: bool, element_bytes: int) -> tuple[dict, dict]:
     """(constexprs, launch options) of the kernel for one weight layout (also what
     tools/compile_kernels.py compiles)."""
-    constexprs = dict(BLOCKSIZE=blocksize, TILE=TILE_ELEMENTS,
-                      IS_FP4=quant_type == "fp4", NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize,
-                      OFFSET_FROM_PTR=offset_from_ptr, GROUP=8 // element_bytes)
+    constexprs = dict(weight_constexprs(blocksize, quant_type, nested, nested_blocksize, offset_from_ptr),
+                      TILE=TILE_ELEMENTS, GROUP=8 // element_bytes)
     # NOTE: no FMA contraction: the nested absmax is code2[q] * absmax2 + offset with two
     # roundings, as bitsandbytes computes it (two separate kernels there).
     return constexprs, dict(num_warps=NUM_WARPS, enable_fp_fusion=False)
@@ -147,10 +160,7 @@ def _plan(weight, out, packed, n, offset_tensor):
     key = (out.device, out.dtype, n, _aligned(out)) + _weight_key(weight, packed, offset_tensor)
     launch = _DEQUANT_PLANS.get(key)
     if launch is None:
-        nested = bool(weight.nested)
-        constexprs, options = dequant_launch_options(weight.blocksize, weight.quant_type, nested,
-                                                     weight.nested_blocksize if nested else 1,
-                                                     offset_tensor is not None, out.element_size())
+        constexprs, options = dequant_launch_options(*_weight_layout(weight, offset_tensor), out.element_size())
         grid = (triton.cdiv(n, TILE_ELEMENTS),)
         launch = _DEQUANT_PLANS.put(key, _Launch(_dequant_4bit_kernel, grid, constexprs, options,
                                                  device_index=_grid_device(out.device)))

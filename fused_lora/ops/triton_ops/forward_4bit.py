@@ -18,8 +18,8 @@ import triton
 
 from ...kernels.common import rank_block
 from ...kernels.lora_fwd_4bit import _lora_fwd_4bit_kernel
-from .dequant import _checked_weight, _weight_arguments, _weight_key
-from .launch import _aligned, _grid_device, _input_precision, _Launch
+from .dequant import _checked_weight, _weight_arguments, _weight_key, _weight_layout, weight_constexprs
+from .launch import _aligned, _columns_fit_int32, _grid_device, _input_precision, _Launch, _lora_precision
 from .plans import _PlanCache
 
 X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -36,12 +36,13 @@ def forward_4bit_config(T: int, blocksize: int, K: int, element_size: int) -> di
 
 
 def forward_4bit_launch_options(blocksize: int, quant_type: str, nested: bool, nested_blocksize: int,
-                                offset_from_ptr: bool, has_bias: bool, input_precision: str, block_r: int,
-                                config: dict) -> tuple[dict, dict]:
-    """(constexprs, launch options); also what tools/compile_kernels.py compiles."""
-    constexprs = dict(BLOCKSIZE=blocksize, IS_FP4=quant_type == "fp4", NESTED=nested,
-                      NESTED_BLOCKSIZE=nested_blocksize, OFFSET_FROM_PTR=offset_from_ptr, HAS_BIAS=has_bias,
-                      INPUT_PRECISION=input_precision, BLOCK_R=block_r, **config)
+                                offset_from_ptr: bool, has_bias: bool, input_precision: str, lora: dict,
+                                block_r: int, config: dict) -> tuple[dict, dict]:
+    """(constexprs, launch options); also what tools/compile_kernels.py compiles. ``lora``: the LoRA
+    expand's LORA_FP32 and LORA_PRECISION (``launch._lora_precision(x dtype, lora_B dtype, gemm=True)``,
+    as for ``lora_forward``'s GEMM)."""
+    constexprs = dict(weight_constexprs(blocksize, quant_type, nested, nested_blocksize, offset_from_ptr),
+                      HAS_BIAS=has_bias, INPUT_PRECISION=input_precision, **lora, BLOCK_R=block_r, **config)
     # NOTE: no FMA contraction, as in dequantize_4bit: the nested absmax keeps two roundings.
     return constexprs, dict(num_warps=4, num_stages=2, enable_fp_fusion=False)
 
@@ -73,6 +74,8 @@ def lora_forward_4bit(x2d, weight, bias, lora_B, xa, scaling: float) -> torch.Te
     (the contract's ``Weight4bit``) rounded to x's dtype; xa (T, R) fp32 from ``lora_shrink``."""
     packed, n, offset_tensor, offset = _checked_weight(weight)
     T, N, K, R = _check_operands(x2d, tuple(weight.shape), bias, lora_B, xa, packed.device)
+    if not _columns_fit_int32(x2d):  # the kernel indexes columns in 32 bits (launch._columns_fit_int32)
+        x2d = x2d.contiguous()
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
     y = torch.empty((T, N), dtype=x2d.dtype, device=x2d.device)
@@ -84,11 +87,10 @@ def lora_forward_4bit(x2d, weight, bias, lora_B, xa, scaling: float) -> torch.Te
            precision) + _weight_key(weight, packed, offset_tensor)
     plan = _FORWARD_4BIT_PLANS.get(key)
     if plan is None:
-        nested = bool(weight.nested)
         config = forward_4bit_config(T, weight.blocksize, K, x2d.element_size())
-        constexprs, options = forward_4bit_launch_options(
-            weight.blocksize, weight.quant_type, nested, weight.nested_blocksize if nested else 1,
-            offset_tensor is not None, bias is not None, precision, rank_block(R), config)
+        lora = _lora_precision(x2d.dtype, lora_B.dtype, gemm=True)
+        constexprs, options = forward_4bit_launch_options(*_weight_layout(weight, offset_tensor), bias is not None,
+                                                          precision, lora, rank_block(R), config)
         grid = (triton.cdiv(T, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
         plan = _FORWARD_4BIT_PLANS.put(key, _Launch(_lora_fwd_4bit_kernel, grid, constexprs, options,
                                                     device_index=_grid_device(x2d.device)))

@@ -125,6 +125,16 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0
 
 
+def _columns_fit_int32(t: torch.Tensor) -> bool:
+    """Whether every column offset of the 2-D ``t`` (column index times column stride) fits in int32.
+
+    NOTE: the kernels compute row offsets in 64 bits (T * K passes 2**31) and column offsets in 32;
+    only a column stride in the hundreds of millions (a transposed view of a huge tensor) passes
+    2**31 - 1 there, and such a tensor is read from a contiguous copy (``plans``).
+    """
+    return (t.shape[1] - 1) * t.stride(1) < 2 ** 31
+
+
 # ----------------------------------------------------------------------------- launching
 
 def _raw_stream(device_index: int) -> int:

@@ -19,8 +19,8 @@ from ...kernels.lora_bwd import (_lora_bwd_da_kernel, _lora_bwd_dx_kernel, _lora
 from ...kernels.lora_fwd import _lora_fwd_kernel, _lora_fwd_tma_kernel
 from ...kernels.lora_shrink import _lora_shrink_kernel
 from . import tuning
-from .launch import (TensorDescriptor, _aligned, _device_facts, _dropout_scalars, _grid_device, _index,
-                     _input_precision, _Launch, _lora_precision, _split_float, accumulation_dtype, force_tma)
+from .launch import (TensorDescriptor, _aligned, _columns_fit_int32, _device_facts, _dropout_scalars, _grid_device,
+                     _index, _input_precision, _Launch, _lora_precision, _split_float, accumulation_dtype, force_tma)
 from .tuning import TMA_MAX_RANK_BLOCK
 
 PLAN_CACHE_SIZE = 1024
@@ -74,6 +74,9 @@ def plan_count() -> int:
 
 class _ShrinkPlan:
     def __init__(self, x2d, lora_A, dropout_p, store_bits):
+        self.copy_x = not _columns_fit_int32(x2d)  # read from a contiguous copy (launch._columns_fit_int32)
+        if self.copy_x:
+            x2d = x2d.contiguous()
         T, K = x2d.shape
         R = lora_A.shape[0]
         size = x2d.element_size()
@@ -100,6 +103,8 @@ class _ShrinkPlan:
             self.sum_static = (splits, T * R, T * R, 1.0, 0.0)
 
     def __call__(self, x2d, lora_A, seed):
+        if self.copy_x:
+            x2d = x2d.contiguous()
         xa = torch.empty((self.T, self.R), dtype=self.acc_dtype, device=x2d.device)
         bits = torch.empty((self.T, self.static[11]), dtype=torch.uint8, device=x2d.device) if self.store_bits else None
         parts = xa if self.splits == 1 else torch.empty((self.splits, self.T, self.R), dtype=self.acc_dtype,
@@ -182,13 +187,16 @@ def _persistent_tma_launch(kernel, config: GemmConfig, rows: int, cols: int, dty
 
 class _ForwardPlan:
     def __init__(self, x2d, weight, bias, lora_B, xa, scaling):
+        # x and W read from contiguous copies where their column offsets pass int32 (launch._columns_fit_int32)
+        self.copy_x, self.copy_w = not _columns_fit_int32(x2d), not _columns_fit_int32(weight)
+        x2d = x2d.contiguous() if self.copy_x else x2d
+        weight = weight.contiguous() if self.copy_w else weight
         T, K = x2d.shape
         N, R = lora_B.shape
         self.T, self.N = T, N
         self.device = x2d.device
         self.dtype = x2d.dtype
         self.has_bias = bias is not None
-        self.scaling = scaling
         self.block_r = rank_block(R)
         self.tma_ok = (_tma_possible(x2d.device, x2d.dtype, R) and _tma_rows_ok(x2d) and _tma_rows_ok(weight)
                        and (N * x2d.element_size()) % 16 == 0)
@@ -200,7 +208,7 @@ class _ForwardPlan:
             return x2d, weight, bias, lora_B, xa, torch.empty((T, N), dtype=x2d.dtype, device=x2d.device)
 
         self.label, self.strategy = tuning._choose(op_key, candidates, lambda kind, config: self._build(
-            kind, config, x2d, weight, lora_B, xa, scaling), run_args, T, x2d.device)
+            kind, config, x2d, weight, lora_B, xa, scaling), run_args, x2d.device)
 
     def _build(self, kind, config: GemmConfig, x2d, weight, lora_B, xa, scaling):
         T, K = x2d.shape
@@ -246,6 +254,10 @@ class _ForwardPlan:
         return pointer
 
     def __call__(self, x2d, weight, bias, lora_B, xa):
+        if self.copy_x:
+            x2d = x2d.contiguous()
+        if self.copy_w:
+            weight = weight.contiguous()
         y = torch.empty((self.T, self.N), dtype=self.dtype, device=self.device)
         self.strategy(x2d, weight, bias, lora_B, xa, y)
         return y
@@ -257,6 +269,13 @@ class _ForwardPlan:
 class _BackwardPlan:
     def __init__(self, dy, x2d, weight, lora_A, lora_B, xa, scaling, dropout_p, from_bits,
                  needs_dx, needs_dA, needs_dB):
+        # dy, W and x read from contiguous copies where their column offsets pass int32 (launch._columns_fit_int32)
+        self.copy_dy = not _columns_fit_int32(dy)
+        self.copy_w = needs_dx and not _columns_fit_int32(weight)
+        self.copy_x = needs_dA and x2d is not None and not _columns_fit_int32(x2d)
+        dy = dy.contiguous() if self.copy_dy else dy
+        weight = weight.contiguous() if self.copy_w else weight
+        x2d = x2d.contiguous() if self.copy_x else x2d
         T, N = dy.shape
         R, K = lora_A.shape
         device, dtype = dy.device, dy.dtype
@@ -304,7 +323,7 @@ class _BackwardPlan:
         if needs_dx:
             self.tma_ok = (_tma_possible(device, dtype, R) and _tma_rows_ok(dy) and _tma_rows_ok(weight)
                            and (K * dy.element_size()) % 16 == 0)
-            mask = ("bits" if from_bits else "seed" if K % 8 == 0 else "seed-odd") if has_dropout else None
+            mask = tuning._dx_mask(has_dropout, from_bits, K % 8 == 0)
             candidates = tuning._gemm_candidates(device, dtype, block_r, self.tma_ok, T, mask)
             op_key = ("dx", device, dtype, lora_A.dtype, N, K, R, has_dropout, from_bits, self.tma_ok,
                       tuning._shape_class(T))
@@ -322,7 +341,7 @@ class _BackwardPlan:
 
             self.dx_args = dx_args
             self.dx_label, self.dx_strategy = tuning._choose(op_key, candidates, lambda kind, config: self._build_dx(
-                kind, config, dy, weight, lora_A, dx_args), run_args, T, device)
+                kind, config, dy, weight, lora_A, dx_args), run_args, device)
 
         # Step 5: dA = scaling * dxa^T D(x), split over T.
         if needs_dA:
@@ -338,7 +357,6 @@ class _BackwardPlan:
                 dict(HAS_DROPOUT=has_dropout, MASK_FROM_BITS=from_bits, K_ALIGNED=K % 8 == 0, IS_FP64=is_fp64,
                      **da_lora, BLOCK_M=da_m, BLOCK_K=da_k, BLOCK_R=block_r),
                 dict(num_warps=da_warps, num_stages=da_stages), gd)
-            self.da_x_strides = None  # filled per call (x is the saved input; its strides are in the key)
             self.da_static_tail = (R * K, K, 1, triton.cdiv(K, 8), threshold, dscale_hi, dscale_lo)
             self.da_sum = _Launch(_sum_partials_kernel, (triton.cdiv(R * K, reduce_block),),
                                   dict(IS_FP64=is_fp64, BLOCK=reduce_block), dict(num_warps=4), gd)
@@ -392,6 +410,12 @@ class _BackwardPlan:
         return pointer
 
     def __call__(self, dy, x2d, weight, lora_A, lora_B, xa, seed, bits):
+        if self.copy_dy:
+            dy = dy.contiguous()
+        if self.copy_w:
+            weight = weight.contiguous()
+        if self.copy_x:
+            x2d = x2d.contiguous()
         T, N, K, R = self.T, self.N, self.K, self.R
         device, acc_dtype = self.device, self.acc_dtype
         needs_dx, needs_dA, needs_dB = self.needs

@@ -193,6 +193,14 @@ def _rank_class(block_r: int) -> int:
     return 16 if block_r <= 16 else 64
 
 
+def _dx_mask(has_dropout: bool, from_bits: bool, k_aligned: bool):
+    """How the dx GEMM gets its mask, as ``_gemm_candidates`` names it: None (no dropout), "bits"
+    (the shrink's packed keep bits), "seed" or, where K % 8 != 0, "seed-odd" (regenerated)."""
+    if not has_dropout:
+        return None
+    return "bits" if from_bits else "seed" if k_aligned else "seed-odd"
+
+
 def _gemm_candidates(device, dtype, block_r, tma_ok, rows, mask=None):
     """[(label, kind, config)] the tuner may time; the first is the heuristic default.
 
@@ -217,11 +225,6 @@ def _gemm_candidates(device, dtype, block_r, tma_ok, rows, mask=None):
         expand = fitting_gemm_configs(pointer, element_size, block_r, limit)[0]
         candidates.append(("hybrid", "hybrid", expand))
     return candidates
-
-
-def _default_candidate(candidates, rows):
-    """The heuristic choice: the first candidate (the preferred kind's first config for this length)."""
-    return candidates[0]
 
 
 @contextlib.contextmanager
@@ -327,7 +330,7 @@ def _capturing(device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _choose(op_key, candidates, build, run_args, rows, device):
+def _choose(op_key, candidates, build, run_args, device):
     """The strategy for one plan: ``(label, callable)``, decided once per shape class.
 
     Where the choice comes from, in order: the decision this process already made for the
@@ -350,7 +353,7 @@ def _choose(op_key, candidates, build, run_args, rows, device):
         label = _TUNED.get(op_key)
         if label in by_label:
             return label, build(*by_label[label][1:])
-        default = _default_candidate(candidates, rows)
+        default = candidates[0]  # the heuristic choice (_gemm_candidates puts it first)
         capturing = _capturing(device)
         if compile_only():
             mode, source = "compile", "default (FUSED_LORA_AUTOTUNE=compile)"

@@ -17,27 +17,39 @@ from fused_lora import lora_linear_reference
 from tolerances import assert_close_scaled, lora_reductions
 
 
-@pytest.mark.parametrize("provider", ["fused_lora", "fused_lora_torch", "peft", "addmm_composite"])
-def test_providers_compute_the_same_lora_layer(provider):
-    w = Weights.random(40, 24, 4, torch.float32, torch.float32, torch.device("cpu"))
+def _check_provider(provider, K, base_weight=None, lora=True):
+    """The provider's layer (K -> 24, r = 4, no dropout) against the reference over
+    ``base_weight(w)`` (default: the dense weight): y, dx and, where ``lora``, dA and dB; without
+    ``lora`` the layer has no trainable parameters and the reference no adapter."""
+    w = Weights.random(K, 24, 4, torch.float32, torch.float32, torch.device("cpu"))
     module, _ = build(provider, w, r=4, p=0.0)
-    x = torch.randn(3, 7, 40, requires_grad=True)
+    x = torch.randn(3, 7, K, requires_grad=True)
     y = module(x)
     dy = torch.randn_like(y)
     params = trainable_parameters(module)
-    assert len(params) == 2 and {tuple(q.shape) for q in params} == {(4, 40), (24, 4)}
+    if lora:
+        assert len(params) == 2 and {tuple(q.shape) for q in params} == {(4, K), (24, 4)}
+    else:
+        assert params == []
     got = torch.autograd.grad(y, [x] + params, dy)
-    A = w.lora_A.clone().requires_grad_(True)
+    weight = w.weight if base_weight is None else base_weight(w)
+    A = (w.lora_A if lora else torch.zeros_like(w.lora_A)).clone().requires_grad_(True)
     B = w.lora_B.clone().requires_grad_(True)
     x_ref = x.detach().clone().requires_grad_(True)
-    y_ref = lora_linear_reference(x_ref, w.weight, w.bias, A, B, w.scaling)
+    y_ref = lora_linear_reference(x_ref, weight, w.bias, A, B, w.scaling)
     expected = torch.autograd.grad(y_ref, [x_ref, A, B], dy)
-    reductions = lora_reductions(T=21, K=40, N=24, r=4)
+    reductions = lora_reductions(T=21, K=K, N=24, r=4)
     assert_close_scaled("y", y, y_ref, reductions["y"])
     assert_close_scaled("dx", got[0], expected[0], reductions["dx"])
-    by_shape = {tuple(g.shape): g for g in got[1:]}
-    assert_close_scaled("dA", by_shape[(4, 40)], expected[1], reductions["dA"])
-    assert_close_scaled("dB", by_shape[(24, 4)], expected[2], reductions["dB"])
+    if lora:
+        by_shape = {tuple(g.shape): g for g in got[1:]}
+        assert_close_scaled("dA", by_shape[(4, K)], expected[1], reductions["dA"])
+        assert_close_scaled("dB", by_shape[(24, 4)], expected[2], reductions["dB"])
+
+
+@pytest.mark.parametrize("provider", ["fused_lora", "fused_lora_torch", "peft", "addmm_composite"])
+def test_providers_compute_the_same_lora_layer(provider):
+    _check_provider(provider, K=40)
 
 
 def test_addmm_composite_refuses_dropout():
@@ -215,29 +227,8 @@ def test_nf4_providers_compute_the_same_4bit_layer(provider):
     pytest.importorskip("bitsandbytes")
     from bench.providers import linear_4bit
 
-    w = Weights.random(64, 24, 4, torch.float32, torch.float32, torch.device("cpu"))
-    module, _ = build(provider, w, r=4, p=0.0)
-    x = torch.randn(3, 7, 64, requires_grad=True)
-    y = module(x)
-    dy = torch.randn_like(y)
-    params = trainable_parameters(module)
-    got = torch.autograd.grad(y, [x] + params, dy)
-    base = linear_4bit(w)  # quantized from the same weights: the same bytes
-    lora = provider != "linear_nf4"
-    A = (w.lora_A if lora else torch.zeros_like(w.lora_A)).clone().requires_grad_(True)
-    B = w.lora_B.clone().requires_grad_(True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    y_ref = lora_linear_reference(x_ref, base.weight, w.bias, A, B, w.scaling)
-    expected = torch.autograd.grad(y_ref, [x_ref, A, B], dy)
-    reductions = lora_reductions(T=21, K=64, N=24, r=4)
-    assert_close_scaled("y", y, y_ref, reductions["y"])
-    assert_close_scaled("dx", got[0], expected[0], reductions["dx"])
-    if lora:
-        by_shape = {tuple(g.shape): g for g in got[1:]}
-        assert_close_scaled("dA", by_shape[(4, 64)], expected[1], reductions["dA"])
-        assert_close_scaled("dB", by_shape[(24, 4)], expected[2], reductions["dB"])
-    else:
-        assert params == []
+    # quantized from the same weights: the same bytes; linear_nf4 has no adapter
+    _check_provider(provider, K=64, base_weight=lambda w: linear_4bit(w).weight, lora=provider != "linear_nf4")
 
 
 def test_nf4_sweep_writes_weight_and_memory_rows(tmp_path, capsys):

@@ -322,6 +322,54 @@ def test_from_peft_keeps_a_conv1d_lora_and_fuses_the_linear_beside_it(fused_call
     assert summary.not_fused == {"uses fan_in_fan_out=True (Conv1D-style weights)": ("base_model.model.c_attn",)}
 
 
+class _AttentionAndLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.proj(self.mha(x, x, x, need_weights=False)[0])
+
+
+def test_from_peft_keeps_a_multihead_attention_lora_and_its_out_proj(fused_calls):
+    # PEFT wraps the attention's out_proj as a lora.Linear, which nn.MultiheadAttention never calls (it
+    # reads out_proj.weight; PEFT merges the adapter around the call). Before, from_peft counted that
+    # out_proj as fused, and called the attention "a quantised base layer" (it has no .weight).
+    torch.manual_seed(0)
+    peft_model = peft.get_peft_model(_AttentionAndLinear(), peft.LoraConfig(r=2, target_modules=["mha", "proj"]))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(param, std=0.2)
+
+    def run(model):
+        model.zero_grad()
+        x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(2))
+        y = model(x)
+        (y * y).sum().backward()
+        return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    converted = _outputs_and_grads_equal_peft(peft_model, run, 8 * 3 + 5)
+    summary = converted.fused_lora_summary
+    assert summary.fused == ("base_model.model.proj",) and len(fused_calls) == 1
+    assert summary.not_fused == {
+        "is a peft.tuners.lora.layer.MultiheadAttention over a MultiheadAttention (fused_lora fuses "
+        "peft.tuners.lora.Linear over torch.nn.Linear only)": ("base_model.model.mha",),
+        "is the out_proj of a MultiheadAttention, which reads its weight directly (PEFT merges the adapter "
+        "around each call; a fused forward would never run)": ("base_model.model.mha.base_layer.out_proj",)}
+
+
+def test_a_converted_model_prints_as_peft_s():
+    # PEFT's repr of a LoRA layer is "lora." + the class name; from_peft's class used to show there
+    # ("lora.FusedPeftLinear(", which PEFT's own test_repr_lora_linear refuses).
+    peft_model = _peft_llama()
+    expected = repr(peft_model)
+    converted = from_peft(peft_model, backend="torch")
+    assert type(converted.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "FusedPeftLinear"
+    assert repr(converted) == expected
+    assert repr(converted.base_model.model.model.layers[0].self_attn.q_proj).startswith("lora.Linear(")
+
+
 def test_from_peft_warns_when_nothing_can_be_fused(fused_calls):
     with pytest.warns(UserWarning, match=r"(?s)from_peft: 0 of 1 PEFT LoRA modules.*fan_in_fan_out.*no module "
                                          r"could be fused"):

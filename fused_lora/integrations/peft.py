@@ -88,11 +88,22 @@ def _output_layer_name(model: nn.Module) -> str | None:
     return next((name for name, module in model.named_modules() if module is output), None)
 
 
+_QUANTISATION_PACKAGES = ("bitsandbytes", "hqq", "awq", "auto_gptq", "optimum")
+
+
 def _is_quantised(module: nn.Module) -> bool:
+    """True for a module from a quantisation package, or whose weight is quantised, or that has no
+    tensor weight (what nothing here can read as a dense linear weight)."""
     weight = getattr(module, "weight", None)
-    return (type(module).__module__.split(".")[0] in ("bitsandbytes", "hqq", "awq", "auto_gptq", "optimum")
+    return (type(module).__module__.split(".")[0] in _QUANTISATION_PACKAGES
             or not isinstance(weight, torch.Tensor) or weight.dtype not in SUPPORTED_DTYPES
             or type(weight).__name__ in ("Params4bit", "Int8Params"))
+
+
+def _has_quantised_weight(module: nn.Module) -> bool:
+    """``_is_quantised``, except a module that simply has no weight (a MultiheadAttention) is not called quantised."""
+    return _is_quantised(module) and (isinstance(getattr(module, "weight", None), torch.Tensor)
+                                      or type(module).__module__.split(".")[0] in _QUANTISATION_PACKAGES)
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -153,14 +164,21 @@ def replacement_problem(model: nn.Module, name: str) -> str | None:
         return problem
     if _is_quantised(module) and not is_linear_4bit(module):
         return f"is a quantised {type(module).__module__}.{type(module).__name__} (not supported by fused_lora)"
+    parent = _weight_reader(model, name, WEIGHT_READ_BY_PARENT)
+    if parent is not None:
+        child = name.rpartition(".")[2]
+        return (f"is read directly by its parent {type(parent).__name__} (which uses {child}.weight, not "
+                f"{child}'s forward): a FusedLoRALinear there would never run, and its adapter would get "
+                f"no gradient")
+    return None
+
+
+def _weight_reader(model: nn.Module, name: str, table) -> nn.Module | None:
+    """The parent of the module ``name`` of ``model`` when ``table`` (pairs of a parent class and its
+    children's names, as WEIGHT_READ_BY_PARENT) says it reads that child's weight directly, else None."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    for kind, children in WEIGHT_READ_BY_PARENT:
-        if isinstance(parent, kind) and child in children:
-            return (f"is read directly by its parent {type(parent).__name__} (which uses {child}.weight, not "
-                    f"{child}'s forward): a FusedLoRALinear there would never run, and its adapter would get "
-                    f"no gradient")
-    return None
+    return next((parent for kind, children in table if isinstance(parent, kind) and child in children), None)
 
 
 def targeted_linears(model: nn.Module, target_modules) -> list[str]:
@@ -366,10 +384,14 @@ def _fused_forward(module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def _fused_class(name: str, peft_class: type, doc: str) -> type:
-    """A subclass ``name`` of the PEFT LoRA layer class ``peft_class`` whose forward is ``_fused_forward``."""
+    """A subclass ``name`` of the PEFT LoRA layer class ``peft_class`` whose forward is ``_fused_forward``.
+    Its repr is PEFT's (``lora.Linear(...)``): ``_get_name`` gives PEFT's class name; the model's
+    ``fused_lora_summary`` says which modules are fused."""
+    peft_name = peft_class.__name__
     return type(name, (peft_class,), {"__module__": __name__, "__qualname__": name, "__doc__": doc,
                                       "fused_lora_backend": None, "forward": _fused_forward,
-                                      "_peft_forward": peft_class.forward, "fused_adapter": fused_adapter})
+                                      "_peft_forward": peft_class.forward, "fused_adapter": fused_adapter,
+                                      "_get_name": lambda self: peft_name})
 
 
 _FUSED_PEFT_LINEAR = None
@@ -465,7 +487,7 @@ def conversion_problem(module, peft_linear_type=None) -> str | None:
         return _adapter_problem(module)
     if type(module) not in (peft_linear_type, fused_peft_linear_type()):  # a subclass may compute otherwise
         kind = f"{type(module).__module__}.{type(module).__qualname__}"
-        if base is not None and _is_quantised(base):
+        if base is not None and _has_quantised_weight(base):
             return (f"has a quantised base layer {type(base).__module__}.{type(base).__name__} (a {kind}; "
                     f"quantised base layers are not supported)")
         return (f"is a {kind} over a {type(base).__name__} (fused_lora fuses peft.tuners.lora.Linear over "
@@ -524,6 +546,14 @@ class FromPeftSummary:
         return "\n".join(lines)
 
 
+# PEFT's MultiheadAttention LoRA wraps the attention's out_proj as a lora.Linear and merges its adapter
+# around each call, since nn.MultiheadAttention reads out_proj.weight: that lora.Linear's forward never
+# runs. (A TransformerEncoderLayer calls linear1/linear2 while training, so their fused forward runs.)
+PEFT_WEIGHT_READ_BY_PARENT = ((nn.MultiheadAttention, ("out_proj",)),)
+PEFT_WEIGHT_READ_REASON = ("is the out_proj of a MultiheadAttention, which reads its weight directly (PEFT "
+                           "merges the adapter around each call; a fused forward would never run)")
+
+
 def from_peft(peft_model: nn.Module, *, backend: str | None = None, strict: bool = False) -> nn.Module:
     """Route the forward of every PEFT LoRA ``Linear`` in ``peft_model`` through ``fused_lora_linear``, in place.
 
@@ -560,6 +590,8 @@ def from_peft(peft_model: nn.Module, *, backend: str | None = None, strict: bool
     fused, not_fused = [], {}
     for name, module in found:
         problem = conversion_problem(module, peft_linear_type)
+        if problem is None and _weight_reader(peft_model, name, PEFT_WEIGHT_READ_BY_PARENT) is not None:
+            problem = PEFT_WEIGHT_READ_REASON
         if problem is None:
             fused.append((name, module))
         elif strict:

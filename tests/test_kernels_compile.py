@@ -6,10 +6,11 @@ join/reshape, fp64 dots) and knows nothing of registers or shared memory; this r
 ``tools/compile_kernels.py --check`` in a subprocess (TRITON_INTERPRET=0): every variant the
 heuristics or the tuner can pick (tuning.py's tables), compiled with the JIT's own
 specialisation, down to a cubin; registers and spills from ptxas, shared memory from Triton.
-The representative set (about 200 variants, ~70 s on 2 cores with a cold Triton cache, seconds
-when warm): bf16 at r = 16 and 64 with fp32 adapters (PEFT's default), bf16 at r = 16 with bf16
-adapters, fp16, fp32 and fp64 (its dots) at r = 16. The whole table (~450 variants, every dtype,
-r = 16 and 64, both adapter kinds): ``python tools/compile_kernels.py --check``.
+The representative set (about 320 variants, ~100 s on 2 cores with a cold Triton cache, seconds
+when warm): bf16 at r = 16, 64 and 128 with fp32 adapters (PEFT's default), bf16 at r = 16 and 32
+with bf16 adapters, fp16 at r = 16, fp32 at r = 16 and 64, and fp64 (its dots) at r = 16. The whole
+table (every dtype, r = 16 and 64, both adapter kinds): ``python tools/compile_kernels.py --check``;
+other ranks with ``--ranks 8,16,32,64,128``.
 """
 
 import os
@@ -19,7 +20,8 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CASES = "bf16:16:fp32,bf16:64:fp32,bf16:16:x,fp16:16:fp32,fp32:16:fp32,fp64:16:fp32"
+CASES = ("bf16:16:fp32,bf16:64:fp32,bf16:128:fp32,bf16:16:x,bf16:32:x,fp16:16:fp32,fp32:16:fp32,fp32:64:fp32,"
+         "fp64:16:fp32")
 
 
 def test_default_kernels_compile_for_sm90_without_spills():

@@ -72,9 +72,10 @@ def _skinny_config(name):
 
 # NOTE on the skinny configs below: each was checked with `tools/compile_kernels.py --check` for
 # sm_90 (no register spill, shared memory within 227 KiB) for 16-bit inputs with fp32 and 16-bit
-# adapters, fp32 and fp64 inputs, r = 16 and 64, every mask mode. ``lora_split``: fp32 adapters
-# on a 16-bit input (launch._lora_precision's LORA_SPLIT), whose two-part tf32 dots need more
-# registers. Ranks above 64 keep smaller blocks, unchecked.
+# adapters and fp32 inputs at r = 8, 16, 32, 64 and 128, with Triton 3.9 and with 3.6 (the GPU
+# image's), and fp64 inputs at r = 16 and 64 with 3.9, every mask mode. ``lora_split``: fp32
+# adapters on a 16-bit input (launch._lora_precision's LORA_SPLIT), whose two-part tf32 dots need
+# more registers. Triton 3.6 still spills a few fp64 shrink and dA variants (4-40 bytes).
 
 @_skinny_config("shrink")
 def _shrink_config(T, K, R, element_size, device, lora_split=False):
@@ -84,16 +85,17 @@ def _shrink_config(T, K, R, element_size, device, lora_split=False):
     if element_size == 8:
         block_m, block_k, warps = 32, 32, 4
     elif block_r > 64:
-        block_m, block_k, warps = 32, 64, 4
+        block_m, block_k, warps = 32, 64, 8
     else:
         block_m, block_k, warps = 64, 128 if element_size == 2 else 64, 8
     if T * K * element_size < SHRINK_SPLIT_BYTES and triton.cdiv(T, block_m) < _programs_target(device):
         # NOTE: a small x: 16-row programs fill the device (a 64 MiB x read by 128 programs left
         # most SMs idle, measured on an H200: 36 us against 16), without a K split, so without
         # partial sums and a second launch; the lora_A reloads this costs stay in L2.
-        # (8 warps for 16-bit adapters: ptxas spilled 68 bytes of an fp16 r = 64 mask-from-seed
-        # variant at 4 warps; 4 for fp32 adapters, where 8 spilled 8 bytes.)
-        block_m, block_k, warps = 16, min(block_k, 64), 8 if element_size == 2 and not lora_split else 4
+        # (8 warps, but 4 for fp32 adapters up to r = 64: at 4 warps ptxas spilled 68 bytes of an
+        # fp16 r = 64 mask-from-seed variant with fp16 adapters, and 16-56 bytes at r = 128 with
+        # fp32 adapters; at 8, fp32 adapters at r = 64 spilled 8 bytes.)
+        block_m, block_k, warps = 16, min(block_k, 64), 4 if lora_split and block_r <= 64 else 8
     return block_m, block_k, warps, 3
 
 
@@ -117,8 +119,8 @@ def _shrink_splits(T, K, element_size, block_m, block_k, device) -> tuple[int, i
 def _dy_config(T, N, R, element_size, device, lora_split=False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dy pass."""
     block_r = rank_block(R)
-    if lora_split:
-        return 32, 256 if block_r <= 16 else 128, 8, 2
+    if lora_split:  # (16 rows at r = 128: 32 spilled 56 bytes)
+        return 16 if block_r > 64 else 32, 256 if block_r <= 16 else 128, 8, 2
     base = {2: 256, 4: 128}.get(element_size, 64)
     # The (BLOCK_N, BLOCK_R) dB accumulator stays in registers: at most 4096 fp32 values per 4 warps.
     block_n = min(base, max(16, 16384 // block_r // max(1, element_size // 2)))
@@ -126,6 +128,9 @@ def _dy_config(T, N, R, element_size, device, lora_split=False):
     warps = 8 if block_n * block_r >= 4096 else 4
     if element_size == 8 and block_r > 16:
         block_m, warps = 16, 4
+    if element_size == 4 and block_r > 16:
+        # NOTE: ptxas spilled fp32 dy at 32 rows: 8 bytes at r = 32 (Triton 3.9), 6.5 KB at r = 64 (3.6).
+        block_m, warps = 16, 4 if block_r <= 32 else warps
     return block_m, block_n, warps, 2
 
 
@@ -136,11 +141,12 @@ def _da_config(T, K, R, element_size, device, lora_split=False):
     NOTE: dxa (BLOCK_M, r) is read once per BLOCK_K columns: 128-wide blocks keep that L2 traffic
     at a quarter of x's bytes for bf16 x, fp32 dxa, r = 16."""
     block_r = rank_block(R)
-    if element_size >= 4:  # fp32 on CUDA cores unless TF32 is allowed; fp64
-        return 32, 32, 4, 3
+    if element_size >= 4:  # fp32 on CUDA cores unless TF32 is allowed; fp64 (16 rows at r = 128: 32 spilled 600 bytes)
+        return (16 if block_r > 64 else 32), 32, 4, 3
     if lora_split:
         return 32, 128 if block_r <= 64 else 64, 8, 3
-    return 64, 128 if block_r <= 64 else 64, 4, 3
+    # 8 warps: at 4, the mask regenerated for odd K spilled 16-32 bytes at r = 16 (Triton 3.6) and r = 32 (3.9)
+    return 64, 128 if block_r <= 64 else 64, 8, 3
 
 
 def _splits(units: int, other_programs: int, device) -> int:
@@ -183,6 +189,11 @@ _POINTER_RULES = {
 TUNED_POINTER = {(size, length, mask): rules[length, "drop" if mask in ("bits", "seed") else mask]
                  for size, rules in _POINTER_RULES.items() for length in ("long", "short")
                  for mask in (None, "bits", "seed", "seed-odd")}
+# Ranks above 64 (BLOCK_R 128): the prologue's rank tiles beside a 64x64 fp32 accumulator spill
+# (fp32 inputs: 730-1220 bytes; 16-bit inputs with fp32 adapters, seed-odd: 12 bytes with Triton
+# 3.6), so those take 32x64 tiles only (POINTER_GEMM_CONFIGS[9]: 72-168 registers, no spill); so do
+# fp64 inputs from r = 32 (64x64: 8 bytes at r = 32 with Triton 3.9, 116 at r = 64 with 3.6).
+WIDE_RANK_POINTER = 9
 # NOTE: the rank tiles join the accumulator before the K loop (no rank tile is live in the
 # pipelined loop), so r <= 64 fits the TMA kernels; larger ranks take the pointer kernels or the
 # cuBLAS hybrid.
@@ -215,6 +226,9 @@ def _gemm_candidates(device, dtype, block_r, tma_ok, rows, mask=None):
     element_size = torch.empty((), dtype=dtype).element_size()
     length = "short" if rows <= 256 else "long"
     pointer = [POINTER_GEMM_CONFIGS[i] for i in TUNED_POINTER[element_size, length, mask]]
+    if (block_r > TMA_MAX_RANK_BLOCK and (element_size >= 4 or mask == "seed-odd")) or \
+            (element_size == 8 and block_r > 16):
+        pointer = [POINTER_GEMM_CONFIGS[WIDE_RANK_POINTER]]
     if tma_ok:
         kind, configs = "tma", [TMA_GEMM_CONFIGS[i] for i in TUNED_TMA[length, mask, _rank_class(block_r)]]
     else:

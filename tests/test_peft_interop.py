@@ -307,15 +307,17 @@ def _loss_and_grads_of(model):
     return _loss_and_grads(model, token_batch())
 
 
-def test_from_peft_keeps_a_conv1d_lora_and_fuses_the_linear_beside_it(fused_calls):
-    def run(model):
-        model.zero_grad()
-        x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(2))
-        y = model(x)
-        (y * y).sum().backward()
-        return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+def _squares_and_grads_of(model):
+    """(y, {name: grad}) of sum(y * y) over a fixed (3, 5, 8) input (the small 8-feature models)."""
+    model.zero_grad()
+    x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(2))
+    y = model(x)
+    (y * y).sum().backward()
+    return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    converted = _outputs_and_grads_equal_peft(_gpt2_style(with_linear=True), run, 8 + 12 + 2)
+
+def test_from_peft_keeps_a_conv1d_lora_and_fuses_the_linear_beside_it(fused_calls):
+    converted = _outputs_and_grads_equal_peft(_gpt2_style(with_linear=True), _squares_and_grads_of, 8 + 12 + 2)
     assert len(fused_calls) == 1
     summary = converted.fused_lora_summary
     assert summary.fused == ("base_model.model.proj",)
@@ -342,14 +344,7 @@ def test_from_peft_keeps_a_multihead_attention_lora_and_its_out_proj(fused_calls
         if "lora_B" in name:
             nn.init.normal_(param, std=0.2)
 
-    def run(model):
-        model.zero_grad()
-        x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(2))
-        y = model(x)
-        (y * y).sum().backward()
-        return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    converted = _outputs_and_grads_equal_peft(peft_model, run, 8 * 3 + 5)
+    converted = _outputs_and_grads_equal_peft(peft_model, _squares_and_grads_of, 8 * 3 + 5)
     summary = converted.fused_lora_summary
     assert summary.fused == ("base_model.model.proj",) and len(fused_calls) == 1
     assert summary.not_fused == {

@@ -28,6 +28,10 @@ def _python(code, cwd=ROOT, env=None, timeout=180, no_site=False):
 
 
 def test_source_checkout_imports_cheaply_and_runs_the_triton_kernels_without_the_editable_finder():
+    from fused_lora.ops.backends import triton_interpreter_problem
+
+    if triton_interpreter_problem():  # (on a GPU machine's own stack; the pinned one has none)
+        pytest.skip(triton_interpreter_problem())
     result = _python(
         NO_EDITABLE_FINDER +
         "import os; os.environ['TRITON_INTERPRET'] = '1'\n"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import re
 import sys
 import warnings
 from types import ModuleType
@@ -64,6 +65,33 @@ def _triton_importable() -> bool:
     return True
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+
+
+@functools.lru_cache(maxsize=None)
+def triton_interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run the kernels with the installed versions, or None.
+
+    Triton before 3.7 takes a loop bound's index as ``int()`` of a one-element array, which NumPy
+    2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"): every kernel
+    with a runtime loop bound would fail inside the interpreter."""
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return None
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter cannot run with NumPy {numpy.__version__} (it "
+                f"converts one-element arrays with int(), which NumPy 2.4 refuses; fixed in Triton 3.7): "
+                f"install triton>=3.7 or numpy<2.4")
+    return None
+
+
+def _interpreter_runs() -> bool:
+    return triton_interpret_mode() and triton_interpreter_problem() is None
+
+
 @functools.lru_cache(maxsize=None)
 def _cpu_extension():
     try:
@@ -78,7 +106,7 @@ def _triton_runs_on(device: torch.device) -> bool:
         return False
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and triton_interpret_mode()
+    return device.type == "cpu" and _interpreter_runs()
 
 
 def _runs_on(name: str, device: torch.device) -> bool:
@@ -92,7 +120,7 @@ def _runs_on(name: str, device: torch.device) -> bool:
 def available_backends() -> list[str]:
     """Backends that can run on this machine, for some device, in preference order."""
     names = []
-    if _triton_importable() and (triton_interpret_mode() or torch.cuda.is_available()):
+    if _triton_importable() and (_interpreter_runs() or torch.cuda.is_available()):
         names.append("triton")
     if _cpu_extension() is not None:
         names.append("cpu")
@@ -119,8 +147,9 @@ def backend_name_for(device: torch.device, backend: str | None = None) -> str:
     if backend not in BACKEND_NAMES:
         raise ValueError(f"{source}: expected one of {BACKEND_NAMES}, got {backend!r}")
     if not _runs_on(backend, device):
+        problem = triton_interpreter_problem() if device.type == "cpu" and triton_interpret_mode() else None
         why = {
-            "triton": "it needs triton and a CUDA tensor, or TRITON_INTERPRET=1 for CPU tensors",
+            "triton": problem or "it needs triton and a CUDA tensor, or TRITON_INTERPRET=1 for CPU tensors",
             "cpu": "it needs a CPU tensor and the compiled extension fused_lora._C",
             "torch": "",
         }[backend]

@@ -91,19 +91,19 @@ def _output_layer_name(model: nn.Module) -> str | None:
 _QUANTISATION_PACKAGES = ("bitsandbytes", "hqq", "awq", "auto_gptq", "optimum")
 
 
-def _is_quantised(module: nn.Module) -> bool:
-    """True for a module from a quantisation package, or whose weight is quantised, or that has no
-    tensor weight (what nothing here can read as a dense linear weight)."""
+def _has_quantised_weight(module: nn.Module) -> bool:
+    """True for a module from a quantisation package, or whose tensor weight is quantised (a dtype
+    fused_lora does not compute in, or bitsandbytes' parameter types)."""
     weight = getattr(module, "weight", None)
     return (type(module).__module__.split(".")[0] in _QUANTISATION_PACKAGES
-            or not isinstance(weight, torch.Tensor) or weight.dtype not in SUPPORTED_DTYPES
-            or type(weight).__name__ in ("Params4bit", "Int8Params"))
+            or isinstance(weight, torch.Tensor) and (weight.dtype not in SUPPORTED_DTYPES
+                                                     or type(weight).__name__ in ("Params4bit", "Int8Params")))
 
 
-def _has_quantised_weight(module: nn.Module) -> bool:
-    """``_is_quantised``, except a module that simply has no weight (a MultiheadAttention) is not called quantised."""
-    return _is_quantised(module) and (isinstance(getattr(module, "weight", None), torch.Tensor)
-                                      or type(module).__module__.split(".")[0] in _QUANTISATION_PACKAGES)
+def _is_quantised(module: nn.Module) -> bool:
+    """``_has_quantised_weight``, or no tensor weight at all: nothing here can read it as a dense linear
+    weight. (A MultiheadAttention, which has none, is not called quantised in messages.)"""
+    return _has_quantised_weight(module) or not isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -463,19 +463,30 @@ def fused_type_of(module, peft_linear_type=None):
     return None
 
 
-def conversion_problem(module, peft_linear_type=None) -> str | None:
-    """None when ``from_peft`` converts the PEFT LoRA layer ``module`` (its class becomes FusedPeftLinear),
-    else why not: a phrase after the module's name, the same for every module with that reason (the
-    summary groups by it). The one place that decides which modules can take the fused path.
+# PEFT's MultiheadAttention LoRA wraps the attention's out_proj as a lora.Linear and merges its adapter
+# around each call, since nn.MultiheadAttention reads out_proj.weight: that lora.Linear's forward never
+# runs. (A TransformerEncoderLayer calls linear1/linear2 while training, so their fused forward runs.)
+PEFT_WEIGHT_READ_BY_PARENT = ((nn.MultiheadAttention, ("out_proj",)),)
+PEFT_WEIGHT_READ_REASON = ("is the out_proj of a MultiheadAttention, which reads its weight directly (PEFT "
+                           "merges the adapter around each call; a fused forward would never run)")
+
+
+def conversion_problem(model: nn.Module, name: str, peft_linear_type=None) -> str | None:
+    """None when ``from_peft`` converts the PEFT LoRA layer ``name`` of ``model`` (its class becomes
+    FusedPeftLinear), else why not: a phrase after the module's name, the same for every module with
+    that reason (the summary groups by it). The one place that decides which modules can take the
+    fused path.
 
     Converted: ``peft.tuners.lora.Linear`` over an unquantised ``nn.Linear``, and PEFT's
     ``lora.bnb.Linear4bit`` over a bitsandbytes 4-bit ``Linear4bit`` (QLoRA; it becomes
     FusedPeftLinear4bit). Not converted: other layer types (Embedding, Conv, MultiheadAttention,
     8-bit and other quantised layers), ``fan_in_fan_out`` (Conv1D-style weights), a
     base layer of another kind, and active adapters using DoRA or another variant,
-    ``lora_bias``, or a dropout other than ``nn.Dropout``. What can change between calls (adapters
-    merged or disabled, several active adapters, dtypes, hooks) is decided per call by ``fused_adapter``.
+    ``lora_bias``, or a dropout other than ``nn.Dropout``, and the ``out_proj`` of a
+    MultiheadAttention (PEFT_WEIGHT_READ_BY_PARENT). What can change between calls (adapters merged or
+    disabled, several active adapters, dtypes, hooks) is decided per call by ``fused_adapter``.
     """
+    module = model.get_submodule(name)
     if peft_linear_type is None:
         peft_linear_type = _peft_lora_types()[1]
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else None
@@ -498,6 +509,8 @@ def conversion_problem(module, peft_linear_type=None) -> str | None:
         return (f"has a base layer {type(base).__name__} with weight dtype "
                 f"{getattr(getattr(base, 'weight', None), 'dtype', None)} (fused_lora supports unquantised "
                 f"torch.nn.Linear bases only; quantised base layers are not supported)")
+    if _weight_reader(model, name, PEFT_WEIGHT_READ_BY_PARENT) is not None:
+        return PEFT_WEIGHT_READ_REASON
     return _adapter_problem(module)
 
 
@@ -546,14 +559,6 @@ class FromPeftSummary:
         return "\n".join(lines)
 
 
-# PEFT's MultiheadAttention LoRA wraps the attention's out_proj as a lora.Linear and merges its adapter
-# around each call, since nn.MultiheadAttention reads out_proj.weight: that lora.Linear's forward never
-# runs. (A TransformerEncoderLayer calls linear1/linear2 while training, so their fused forward runs.)
-PEFT_WEIGHT_READ_BY_PARENT = ((nn.MultiheadAttention, ("out_proj",)),)
-PEFT_WEIGHT_READ_REASON = ("is the out_proj of a MultiheadAttention, which reads its weight directly (PEFT "
-                           "merges the adapter around each call; a fused forward would never run)")
-
-
 def from_peft(peft_model: nn.Module, *, backend: str | None = None, strict: bool = False) -> nn.Module:
     """Route the forward of every PEFT LoRA ``Linear`` in ``peft_model`` through ``fused_lora_linear``, in place.
 
@@ -589,9 +594,7 @@ def from_peft(peft_model: nn.Module, *, backend: str | None = None, strict: bool
         raise ValueError("peft_model: found no PEFT LoRA layer in the model")
     fused, not_fused = [], {}
     for name, module in found:
-        problem = conversion_problem(module, peft_linear_type)
-        if problem is None and _weight_reader(peft_model, name, PEFT_WEIGHT_READ_BY_PARENT) is not None:
-            problem = PEFT_WEIGHT_READ_REASON
+        problem = conversion_problem(peft_model, name, peft_linear_type)
         if problem is None:
             fused.append((name, module))
         elif strict:
@@ -667,10 +670,10 @@ def lora_layers(model: nn.Module) -> list[tuple[str, FusedLoRALinear]]:
         elif fused_types and isinstance(module, fused_types):
             layers.append((name, PeftAdapterView(name, module)))
         elif lora_layer_type is not None and isinstance(module, lora_layer_type):
-            left.append((name, module))
+            left.append(name)
     if left and any(isinstance(layer, PeftAdapterView) for _, layer in layers):
-        name, module = left[0]
+        name = left[0]
         raise ValueError(f"model: layer {name!r} is a PEFT LoRA module that from_peft left to PEFT "
-                         f"({conversion_problem(module) or 'not converted'}; {len(left)} such in all); use PEFT's "
-                         f"save_pretrained / load_adapter for this model")
+                         f"({conversion_problem(model, name) or 'not converted'}; {len(left)} such in all); "
+                         f"use PEFT's save_pretrained / load_adapter for this model")
     return layers

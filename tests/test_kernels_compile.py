@@ -21,6 +21,8 @@ import sys
 
 import triton
 
+from fused_lora.ops.backends import _version
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CASES = ("bf16:16:fp32,bf16:64:fp32,bf16:128:fp32,bf16:16:x,bf16:32:x,fp16:16:fp32,fp32:16:fp32,fp32:64:fp32,"
          "fp64:16:fp32")
@@ -28,20 +30,24 @@ CASES = ("bf16:16:fp32,bf16:64:fp32,bf16:128:fp32,bf16:16:x,bf16:32:x,fp16:16:fp
 # Triton (3.9) only: with 3.6, 3.7 and 3.8 ptxas spills 4-40 bytes of a few fp64 shrink, dA or dx
 # variants (3.6 emits a larger fp64 MMA; no block size removed its shrink spills). There fp64 is
 # compiled, not checked.
-TRITON_VERSION = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
-COMPILED_ONLY = "fp64:16:fp32" if TRITON_VERSION < (3, 9) else None
+COMPILED_ONLY = "fp64:16:fp32" if _version(triton.__version__) < (3, 9) else None
 if COMPILED_ONLY:
     CASES = CASES.replace("," + COMPILED_ONLY, "")
 
 
-def test_default_kernels_compile_for_sm90_without_spills():
+def _compile_kernels(cases: str, check: bool):
+    """``tools/compile_kernels.py`` for sm_90 on ``cases`` (``--check``: fail on a spill): (command, result)."""
     # NOTE: the checkout first on the path, so the tool compiles this tree's kernels also where
     # fused_lora is not pip-installed (a source checkout maps kernels/triton itself).
     path = os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=path)
-    command = [sys.executable, str(ROOT / "tools" / "compile_kernels.py"), "--arch", "90", "--check",
-               "--cases", CASES, "--keep-going"]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800, cwd=ROOT)
+    command = [sys.executable, str(ROOT / "tools" / "compile_kernels.py"), "--arch", "90"] + \
+        (["--check"] if check else []) + ["--cases", cases, "--keep-going"]
+    return command, subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800, cwd=ROOT)
+
+
+def test_default_kernels_compile_for_sm90_without_spills():
+    command, result = _compile_kernels(CASES, check=True)
     problems = [line for line in result.stdout.splitlines() if "FAILED" in line or "SPILLS" in line
                 or "SHARED >" in line]
     assert result.returncode == 0, (f"{' '.join(command)} failed:\n" + "\n".join(problems[:40])
@@ -54,9 +60,7 @@ def test_default_kernels_compile_for_sm90_without_spills():
                    "dropout_mask", "unpack_keep_bits"):
         assert any(kernel in line for line in result.stdout.splitlines()), f"no {kernel} variant compiled"
     if COMPILED_ONLY:
-        command = command[:command.index("--check")] + command[command.index("--check") + 1:]
-        command[command.index("--cases") + 1] = COMPILED_ONLY
-        compiled_only = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800, cwd=ROOT)
+        command, compiled_only = _compile_kernels(COMPILED_ONLY, check=False)
         assert compiled_only.returncode == 0, f"{' '.join(command)} failed:\n{compiled_only.stdout[-2000:]}" \
                                               f"\n{compiled_only.stderr[-4000:]}"
     # r = 64 reaches the TMA kernels now (TMA_MAX_RANK_BLOCK), in every mask mode.

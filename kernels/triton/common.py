@@ -156,6 +156,18 @@ def _lora_dot(a, b, acc, dot_dtype, LORA_FP32: tl.constexpr, LORA_PRECISION: tl.
 
 
 @triton.jit
+def _lora_expand(acc, xa_ptr, b_ptr, offs_m, offs_n, offs_r, mask_m, mask_n, mask_r, stride_xam, stride_xar,
+                 stride_bn, stride_br, scaling, dot_dtype, LORA_FP32: tl.constexpr, LORA_PRECISION: tl.constexpr):
+    """acc + (scaling * xa[offs_m]) @ lora_B[offs_n]^T: the low-rank expand a forward GEMM tile
+    starts its accumulator from (before the K loop, so no rank tile is live in it)."""
+    xa = tl.load(xa_ptr + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :] * stride_xar,
+                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    b_t = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                  mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    return _lora_dot(xa * scaling, b_t, acc, dot_dtype, LORA_FP32, LORA_PRECISION)
+
+
+@triton.jit
 def _tf32_pair(t):
     """(hi, lo) with hi + lo == t for fp32 ``t``: hi rounded to tf32 (10 mantissa bits, to
     nearest), so exact in a tf32 dot, and lo the rest (|lo| <= 2^-11 |t|).

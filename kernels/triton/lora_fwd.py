@@ -13,7 +13,7 @@ Two kernels compute it:
 import triton
 import triton.language as tl
 
-from .common import _grouped_tile, _lora_dot, _scalar, _store_tile, _zeros_acc
+from .common import _grouped_tile, _lora_expand, _scalar, _store_tile, _zeros_acc
 
 
 @triton.jit
@@ -56,12 +56,9 @@ def _lora_fwd_kernel(
     # NOTE: the low-rank expand goes into the accumulator before the K loop, so
     # y is written once and no (T, N) temporary exists.
     scaling = _scalar(scaling_hi, scaling_lo, IS_FP64)
-    xa = tl.load(xa_ptr + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :] * stride_xar,
-                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-    b_t = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
-                  mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-    acc = _zeros_acc(BLOCK_M, BLOCK_N, IS_FP64)
-    acc = _lora_dot(xa * scaling, b_t, acc, dot_dtype, LORA_FP32, LORA_PRECISION)
+    acc = _lora_expand(_zeros_acc(BLOCK_M, BLOCK_N, IS_FP64), xa_ptr, b_ptr, offs_m, offs_n, offs_r, mask_m, mask_n,
+                       mask_r, stride_xam, stride_xar, stride_bn, stride_br, scaling, dot_dtype, LORA_FP32,
+                       LORA_PRECISION)
 
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
@@ -131,12 +128,9 @@ def _lora_fwd_tma_kernel(
         offs_bn = pid_n * BLOCK_N
         offs_m = offs_am + tl.arange(0, BLOCK_M)
         offs_n = offs_bn + tl.arange(0, BLOCK_N)
-        xa = tl.load(xa_ptr + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :] * stride_xar,
-                     mask=(offs_m < T)[:, None] & mask_r[None, :], other=0.0)
-        b_t = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
-                      mask=mask_r[:, None] & (offs_n < N)[None, :], other=0.0)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc = _lora_dot(xa * scaling, b_t, acc, dot_dtype, LORA_FP32, LORA_PRECISION)
+        acc = _lora_expand(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), xa_ptr, b_ptr, offs_m, offs_n, offs_r,
+                           offs_m < T, offs_n < N, mask_r, stride_xam, stride_xar, stride_bn, stride_br, scaling,
+                           dot_dtype, LORA_FP32, LORA_PRECISION)
         for ki in range(k_tiles):
             offs_k = ki * BLOCK_K
             x = x_desc.load([offs_am, offs_k])

@@ -12,7 +12,7 @@ Optional and unmeasured: no launcher path chooses it by default.
 import triton
 import triton.language as tl
 
-from .common import _grouped_tile, _lora_dot
+from .common import _grouped_tile, _lora_expand
 from .dequant_4bit import _block_absmax, _code_value
 
 
@@ -64,12 +64,9 @@ def _lora_fwd_4bit_kernel(
 
     # NOTE: the low-rank expand goes into the accumulator before the K loop, its dot as in
     # _lora_fwd_kernel (LORA_FP32: fp32 adapters keep fp32 operands, a "tf32" dot, not x's dtype).
-    xa = tl.load(xa_ptr + offs_m.to(tl.int64)[:, None] * stride_xam + offs_r[None, :] * stride_xar,
-                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-    b_t = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
-                  mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _lora_dot(xa * scaling, b_t, acc, dot_dtype, LORA_FP32, LORA_PRECISION)
+    acc = _lora_expand(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), xa_ptr, b_ptr, offs_m, offs_n, offs_r, mask_m,
+                       mask_n, mask_r, stride_xam, stride_xar, stride_bn, stride_br, scaling, dot_dtype, LORA_FP32,
+                       LORA_PRECISION)
 
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     row_start = offs_n.to(tl.int64) * K  # flat index of W[n, 0]
